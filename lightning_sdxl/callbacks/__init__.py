@@ -1,0 +1,1 @@
+"""Lightning callbacks: validation sample grids, (later) metrics and exports."""

@@ -1,0 +1,98 @@
+"""Config validation: a config that cannot work fails here, in one line, before any model loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from lightning_sdxl.diffusion.prediction import PREDICTIONS
+from lightning_sdxl.models.discriminator import DiscriminatorHead
+from lightning_sdxl.models.loading import check_pipeline_folder
+
+VALID_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says what to change."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check the composed training config; raise ConfigError naming the key and the fix."""
+    stage, student, loss = cfg.stage, cfg.student, cfg.loss
+    _require(
+        stage.student_steps >= 1 and stage.teacher_steps % stage.student_steps == 0,
+        f"stage: teacher_steps={stage.teacher_steps} is not a multiple of student_steps="
+        f"{stage.student_steps}; pick steps whose ratio is a whole number (e.g. stage=8to4).",
+    )
+    _require(
+        student.type in ("lora", "full"),
+        f"student.type={student.type}: use student=lora or student=full.",
+    )
+    if student.type == "lora":
+        _require(student.lora_rank >= 1, f"student.lora_rank={student.lora_rank}: LoRA rank must be >= 1.")
+    _require(
+        cfg.prediction.type is None or cfg.prediction.type in PREDICTIONS,
+        f"prediction.type={cfg.prediction.type}: choose one of {sorted(PREDICTIONS)} or prediction=teacher.",
+    )
+    _require(cfg.steps >= 1, f"steps={cfg.steps}: train for at least 1 batch.")
+    _require(
+        cfg.trainer.get("max_steps", -1) in (-1, None),
+        f"trainer.max_steps={cfg.trainer.max_steps}: set steps=N (batches) instead; max_steps is derived.",
+    )
+    _require(
+        cfg.validation.every_n_steps >= 1 and cfg.checkpoint.every_n_steps >= 1,
+        "validation.every_n_steps and checkpoint.every_n_steps must be >= 1 (batches).",
+    )
+    _require(
+        cfg.data.resolution % 8 == 0,
+        f"data.resolution={cfg.data.resolution} must be a multiple of 8 (the VAE downsamples by 8).",
+    )
+    _require(
+        cfg.model.frozen_dtype in VALID_DTYPES,
+        f"model.frozen_dtype={cfg.model.frozen_dtype}: choose one of {VALID_DTYPES}.",
+    )
+    _require(
+        cfg.model.frozen_dtype == "float32" or "mixed" in str(cfg.trainer.precision),
+        f"model.frozen_dtype={cfg.model.frozen_dtype} needs mixed precision: add "
+        "trainer.precision=bf16-mixed (trainer=gpu) or set model.frozen_dtype=float32.",
+    )
+    if loss.name != "mse":
+        weights = list(loss.renoise_weights)
+        _require(
+            len(weights) == len(loss.renoise_timesteps) and min(weights) >= 0 and sum(weights) > 0,
+            "loss.renoise_weights must be non-negative, not all zero, one per loss.renoise_timesteps.",
+        )
+        _require(cfg.discriminator.head_blocks >= 0, "discriminator.head_blocks must be >= 0.")
+    experiment = cfg.get("experiment_name")
+    _require(
+        not (experiment == "toy" and cfg.model.name != "tiny"),
+        f"experiment=toy is scaled for the tiny model, not model={cfg.model.name}: "
+        "add experiment=sdxl (the paper's settings) or experiment=null.",
+    )
+    if cfg.model.path is not None:
+        check_pipeline_folder(str(cfg.model.path))
+        if loss.name != "mse":
+            _check_discriminator_fits(cfg)
+
+
+def _check_discriminator_fits(cfg: DictConfig) -> None:
+    """The head's stride-2 blocks need features of at least 2^blocks pixels (local folders only)."""
+    unet_config = Path(str(cfg.model.path)) / "unet" / "config.json"
+    if not unet_config.exists():
+        return
+    levels = len(json.loads(unet_config.read_text())["block_out_channels"]) - 1
+    feature_size = cfg.data.resolution // 8 // 2**levels
+    needed = DiscriminatorHead.min_input_size(cfg.discriminator.head_blocks)
+    _require(
+        feature_size >= needed,
+        f"discriminator.head_blocks={cfg.discriminator.head_blocks} needs {needed} x {needed} features, but "
+        f"data.resolution={cfg.data.resolution} gives {feature_size} x {feature_size}: lower head_blocks "
+        "or raise the resolution.",
+    )

@@ -1,0 +1,126 @@
+"""LightningDataModules: the toy world (CPU-sized experiments) and a folder of real images."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_sdxl.data.folder import FolderDataset
+from lightning_sdxl.data.prompts import PromptDataset
+from lightning_sdxl.data.toy_world import ToyWorld
+
+# Validation scenes are the toy world's items VAL_INDEX_START - 1, - 2, ...: far past any epoch.
+VAL_INDEX_START = 2**40
+
+
+class ToyWorldDataModule(L.LightningDataModule):
+    """Toy world scenes for training; captions of held-out scenes, with fixed seeds, for validation.
+
+    Args:
+        resolution: image side R in pixels.
+        batch_size: training batch size (validation uses min(batch_size, num_val_prompts)).
+        num_workers: training DataLoader workers.
+        train_size: items per training epoch.
+        num_val_prompts: validation prompts; their seeds are 0..num_val_prompts-1.
+        seed: the toy world's seed.
+    """
+
+    def __init__(
+        self,
+        resolution: int = 128,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        train_size: int = 1_000_000,
+        num_val_prompts: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if num_val_prompts < 1 or train_size > VAL_INDEX_START - num_val_prompts:
+            raise ValueError(
+                f"need num_val_prompts >= 1 and train_size <= {VAL_INDEX_START - num_val_prompts} "
+                f"(validation scenes are held out), got {num_val_prompts} and {train_size}"
+            )
+        self.world = ToyWorld(resolution=resolution, size=train_size, seed=seed)
+        self.val_indices = [VAL_INDEX_START - 1 - k for k in range(num_val_prompts)]
+        self.val_prompts = [self.world.scene(i).caption for i in self.val_indices]
+        self.val_seeds = list(range(num_val_prompts))
+
+    def train_dataloader(self) -> DataLoader:
+        # Not shuffled: items are already random by index (Lightning shards them under DDP).
+        return DataLoader(
+            self.world,
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            drop_last=True,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            PromptDataset(self.val_prompts, self.val_seeds),
+            batch_size=min(self.hparams.batch_size, self.hparams.num_val_prompts),
+            shuffle=False,
+        )
+
+    def validation_images(self) -> torch.Tensor:
+        """The (N, 3, R, R) images in [-1, 1] that the validation prompts describe, in order."""
+        return torch.stack([self.world[i]["pixel_values"] for i in self.val_indices])
+
+
+class FolderDataModule(L.LightningDataModule):
+    """A folder of captioned images (see FolderDataset); its first captions validate.
+
+    The dataset is indexed in `__init__`, so a bad `root` fails before any model loads.
+
+    Args:
+        root: folder of images with sidecar .txt captions.
+        resolution: side R of the square training crops.
+        batch_size: training batch size (validation uses min(batch_size, num_val_prompts)).
+        num_workers: training DataLoader workers.
+        num_val_prompts: validation prompts, the captions of the first items in sorted order
+            (fewer if the folder holds fewer); their seeds are 0, 1, ...
+        seed: seed of the training shuffle.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        resolution: int = 1024,
+        batch_size: int = 4,
+        num_workers: int = 4,
+        num_val_prompts: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if num_val_prompts < 1:
+            raise ValueError(f"need num_val_prompts >= 1, got {num_val_prompts}")
+        self.dataset = FolderDataset(root, resolution)
+        num_val = min(num_val_prompts, len(self.dataset))
+        self.val_prompts = [self.dataset.caption(i) for i in range(num_val)]
+        self.val_seeds = list(range(num_val))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            PromptDataset(self.val_prompts, self.val_seeds),
+            batch_size=min(self.hparams.batch_size, len(self.val_prompts)),
+            shuffle=False,
+        )
+
+    def validation_images(self) -> torch.Tensor:
+        """The (N, 3, R, R) crops in [-1, 1] whose captions are the validation prompts."""
+        return torch.stack([self.dataset[i]["pixel_values"] for i in range(len(self.val_prompts))])

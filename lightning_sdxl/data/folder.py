@@ -1,0 +1,107 @@
+"""A folder of images with sidecar captions, prepared as SDXL's training script prepares them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
+MAX_LISTED = 5
+
+
+def resize_and_center_crop(image: Image.Image, resolution: int) -> tuple[Image.Image, int, int]:
+    """Resize the shorter side to `resolution` (bicubic, antialiased), then centre-crop a square.
+
+    Sizes and offsets follow torchvision's `Resize(int)` and `CenterCrop`, as diffusers'
+    train_text_to_image_sdxl.py uses them.
+
+    Returns:
+        The `resolution` x `resolution` crop and its (top, left) in the resized image.
+    """
+    w, h = image.size
+    if h <= w:
+        new_h, new_w = resolution, int(resolution * w / h)
+    else:
+        new_h, new_w = int(resolution * h / w), resolution
+    # PIL's resampling filters widen with the scale factor when downsizing: antialiased.
+    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top = round((new_h - resolution) / 2.0)
+    left = round((new_w - resolution) / 2.0)
+    return resized.crop((left, top, left + resolution, top + resolution)), top, left
+
+
+class FolderDataset(Dataset):
+    """Images under `root` (recursive, sorted), each captioned by `<stem>.txt` beside it.
+
+    Args:
+        root: folder of images (.png, .jpg, .jpeg, .webp, any case) with sidecar captions.
+        resolution: side R of the square training crops.
+
+    Raises:
+        FileNotFoundError: `root` is missing, holds no images, or some images lack a caption.
+        NotADirectoryError: `root` is a file.
+    """
+
+    def __init__(self, root: str | Path, resolution: int) -> None:
+        self.root = Path(root)
+        self.resolution = resolution
+        if self.root.exists() and not self.root.is_dir():
+            raise NotADirectoryError(
+                f"data.root={root} is a file: point data.root at a folder of images with "
+                "sidecar .txt captions"
+            )
+        if not self.root.exists():
+            raise FileNotFoundError(
+                f"data.root={root} does not exist: point data.root at a folder of images with "
+                "sidecar .txt captions"
+            )
+        self.images = sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not self.images:
+            raise FileNotFoundError(
+                f"data.root={root} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched "
+                "recursively): point data.root at a folder of images with sidecar .txt captions"
+            )
+        # Existence only: captions are read when their items are.
+        uncaptioned = [p for p in self.images if not self._caption_path(p).is_file()]
+        if uncaptioned:
+            listed = ", ".join(str(p.relative_to(self.root)) for p in uncaptioned[:MAX_LISTED])
+            more = (
+                f" and {len(uncaptioned) - MAX_LISTED} more"
+                if len(uncaptioned) > MAX_LISTED
+                else ""
+            )
+            raise FileNotFoundError(
+                f"{len(uncaptioned)} of {len(self.images)} images under data.root={root} have no "
+                f"caption file: {listed}{more}. Write each image's caption to <stem>.txt in the "
+                "same folder (e.g. cat.png -> cat.txt), or remove the image"
+            )
+
+    @staticmethod
+    def _caption_path(image_path: Path) -> Path:
+        return image_path.with_suffix(".txt")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def caption(self, i: int) -> str:
+        """The caption of item i, whitespace stripped."""
+        return self._caption_path(self.images[i]).read_text(encoding="utf-8").strip()
+
+    def __getitem__(self, i: int) -> dict:
+        with Image.open(self.images[i]) as file:
+            image = ImageOps.exif_transpose(file).convert("RGB")  # upright, as viewers show it
+        w, h = image.size
+        crop, top, left = resize_and_center_crop(image, self.resolution)
+        pixels = np.asarray(crop).transpose(2, 0, 1).astype(np.float32, order="C")  # (3, R, R)
+        return {
+            "pixel_values": torch.from_numpy(pixels / np.float32(127.5) - np.float32(1)),  # [-1, 1]
+            "prompt": self.caption(i),
+            "original_size": torch.tensor([h, w], dtype=torch.int64),  # (2,) source (h, w)
+            "crop_top_left": torch.tensor([top, left], dtype=torch.int64),  # (2,) in resized image
+        }

@@ -1,0 +1,228 @@
+"""A procedural toy world: captioned scenes of one or two coloured shapes, generated on demand.
+
+Item i is a pure function of (seed, i), so the world is unbounded (any index works; `size` is only
+the epoch length) and identical in every process and worker. Captions fully name each shape's kind,
+colour, size and position and the background; a small jitter of position and size leaves the
+model a distribution of images per caption rather than one image.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+# Vocabulary: every word a caption can use.
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+SIZES: tuple[str, ...] = ("small", "large")
+POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right", "centre")
+BACKGROUNDS: tuple[str, ...] = ("white", "black", "grey", "striped", "gradient")
+
+COLOUR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 200, 20),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+}
+# Plain backgrounds; "striped" alternates STRIPE_RGB rows, "gradient" runs GRADIENT_RGB top to bottom.
+BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
+    "white": (255, 255, 255),
+    "black": (15, 15, 15),
+    "grey": (128, 128, 128),
+}
+STRIPE_RGB: tuple[tuple[int, int, int], tuple[int, int, int]] = ((255, 255, 255), (190, 190, 190))
+NUM_STRIPES = 8
+GRADIENT_RGB: tuple[tuple[int, int, int], tuple[int, int, int]] = ((150, 190, 240), (255, 255, 255))
+
+# Shape centres (x, y) as fractions of the image side.
+POSITION_XY: dict[str, tuple[float, float]] = {
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+    "centre": (0.5, 0.5),
+}
+# Half the side of a shape's bounding square, as a fraction of the image side.
+SIZE_HALF: dict[str, float] = {"small": 0.075, "large": 0.15}
+# Jitter: centre offset up to +-JITTER_XY, half-size scaled by 1 +- JITTER_SIZE. At the extremes a
+# large quadrant shape spans [0.065, 0.445] of its axis: it never leaves its quadrant.
+JITTER_XY = 0.03
+JITTER_SIZE = 0.1
+SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One shape of a scene.
+
+    Attributes:
+        kind: one of SHAPES.
+        colour: one of COLOURS.
+        size: one of SIZES.
+        position: one of POSITIONS.
+        centre: (x, y) of the bounding square's centre, fractions of the image side (jittered).
+        half_size: half the bounding square's side, fraction of the image side (jittered).
+    """
+
+    kind: str
+    colour: str
+    size: str
+    position: str
+    centre: tuple[float, float]
+    half_size: float
+
+    @property
+    def phrase(self) -> str:
+        """E.g. "a large red circle at the top left" or "a small blue cross in the centre"."""
+        where = "in the centre" if self.position == "centre" else f"at the {self.position}"
+        return f"a {self.size} {self.colour} {self.kind} {where}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A toy world scene: shapes in reading order (top left first) on a background.
+
+    Attributes:
+        shapes: one or two shapes; two shapes sit in distinct quadrants and have distinct colours.
+        background: one of BACKGROUNDS.
+    """
+
+    shapes: tuple[ShapeSpec, ...]
+    background: str
+
+    @property
+    def caption(self) -> str:
+        """Plain English, e.g. "a large red circle at the top left and a small blue square at the
+        bottom right on a white background"."""
+        return f"{' and '.join(s.phrase for s in self.shapes)} on a {self.background} background"
+
+
+def sample_scene(rng: np.random.Generator) -> Scene:
+    """Draw a scene: one shape anywhere, or two shapes in two distinct quadrants."""
+    num_shapes = int(rng.integers(1, 3))
+    if num_shapes == 1:
+        positions = [POSITIONS[rng.integers(len(POSITIONS))]]
+    else:
+        positions = [POSITIONS[k] for k in sorted(rng.choice(4, size=2, replace=False))]
+    colours = rng.choice(len(COLOURS), size=num_shapes, replace=False)
+    shapes = []
+    for position, colour in zip(positions, colours):
+        kind = SHAPES[rng.integers(len(SHAPES))]
+        size = SIZES[rng.integers(len(SIZES))]
+        dx, dy = rng.uniform(-JITTER_XY, JITTER_XY, size=2)
+        half = SIZE_HALF[size] * (1.0 + rng.uniform(-JITTER_SIZE, JITTER_SIZE))
+        x, y = POSITION_XY[position]
+        shapes.append(
+            ShapeSpec(
+                kind, COLOURS[colour], size, position, (float(x + dx), float(y + dy)), float(half)
+            )
+        )
+    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    return Scene(tuple(shapes), background)
+
+
+@lru_cache(maxsize=32)
+def _background(name: str, side: int) -> Image.Image:
+    """The background canvas at `side` x `side` (cached; callers copy it before drawing)."""
+    if name in BACKGROUND_RGB:
+        return Image.new("RGB", (side, side), BACKGROUND_RGB[name])
+    if name == "striped":
+        rows = (np.arange(side) * NUM_STRIPES // side) % 2  # (side,) stripe index per row
+        colours = np.array(STRIPE_RGB, dtype=np.uint8)[rows]  # (side, 3)
+    elif name == "gradient":
+        w = np.linspace(0.0, 1.0, side)[:, None]  # (side, 1)
+        top, bottom = (np.array(c, dtype=np.float64) for c in GRADIENT_RGB)
+        colours = np.round((1 - w) * top + w * bottom).astype(np.uint8)  # (side, 3)
+    else:
+        raise ValueError(f"unknown background {name!r}: expected one of {BACKGROUNDS}")
+    return Image.fromarray(np.ascontiguousarray(np.broadcast_to(colours[:, None], (side, side, 3))))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: ShapeSpec, side: int) -> None:
+    """Draw one filled shape on a `side` x `side` canvas."""
+    cx, cy = shape.centre[0] * side, shape.centre[1] * side
+    h = shape.half_size * side
+    fill = COLOUR_RGB[shape.colour]
+    if shape.kind == "circle":
+        draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif shape.kind == "square":
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif shape.kind == "triangle":  # pointing up, filling its bounding square
+        draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=fill)
+    elif shape.kind == "cross":  # a plus sign with arms a third of the side thick
+        t = h / 3
+        draw.rectangle((cx - h, cy - t, cx + h, cy + t), fill=fill)
+        draw.rectangle((cx - t, cy - h, cx + t, cy + h), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape.kind!r}: expected one of {SHAPES}")
+
+
+def render_scene(scene: Scene, resolution: int) -> Image.Image:
+    """Render a scene as a `resolution` x `resolution` RGB image.
+
+    Drawn at SUPERSAMPLE x the resolution and box-downsampled, so edges are anti-aliased.
+    """
+    side = resolution * SUPERSAMPLE
+    canvas = _background(scene.background, side).copy()
+    draw = ImageDraw.Draw(canvas)
+    for shape in scene.shapes:
+        _draw_shape(draw, shape, side)
+    return canvas.resize((resolution, resolution), Image.Resampling.BOX)
+
+
+class ToyWorld(Dataset):
+    """Captioned procedural scenes, item i generated from (seed, i) alone.
+
+    Args:
+        resolution: image side R in pixels.
+        size: epoch length (`len`); any non-negative index works, also beyond it.
+        seed: world seed; different seeds give different worlds.
+    """
+
+    def __init__(self, resolution: int = 128, size: int = 1_000_000, seed: int = 0) -> None:
+        if resolution < 1 or size < 1:
+            raise ValueError(
+                f"ToyWorld needs resolution >= 1 and size >= 1, got {resolution}, {size}"
+            )
+        self.resolution = resolution
+        self.size = size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _index(self, i: int) -> int:
+        i = operator.index(i)
+        if i < 0:  # sequence semantics: -1 is the last item of the epoch
+            i += self.size
+        if i < 0:
+            raise IndexError(f"ToyWorld index {i - self.size} out of range for size {self.size}")
+        return i
+
+    def scene(self, i: int) -> Scene:
+        """The attributes of item i (no rendering)."""
+        rng = np.random.default_rng([self.seed, self._index(i)])  # never the global RNG
+        return sample_scene(rng)
+
+    def __getitem__(self, i: int) -> dict:
+        scene = self.scene(i)
+        image = np.asarray(render_scene(scene, self.resolution))  # (R, R, 3) uint8
+        # Scaled in numpy: torch would spread this small op over threads, slower when busy.
+        pixels = image.transpose(2, 0, 1).astype(np.float32, order="C") / np.float32(
+            127.5
+        ) - np.float32(1)
+        r = self.resolution
+        return {
+            "pixel_values": torch.from_numpy(pixels),  # (3, R, R) float32 in [-1, 1]
+            "prompt": scene.caption,
+            "original_size": torch.tensor([r, r], dtype=torch.int64),  # (2,) (h, w)
+            "crop_top_left": torch.zeros(2, dtype=torch.int64),  # (2,) (top, left)
+        }

@@ -1,0 +1,1 @@
+"""Diffusion maths, one concept per file (METHOD.md section 1)."""

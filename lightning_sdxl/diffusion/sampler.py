@@ -1,0 +1,36 @@
+"""The N-step sampler: what a distilled model runs at inference (METHOD.md 5)."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_sdxl.diffusion.prediction import Prediction
+from lightning_sdxl.diffusion.schedule import CLEAN, NoiseSchedule, trailing_timesteps
+from lightning_sdxl.diffusion.solver import ModelFn, solve
+from lightning_sdxl.models.conditioning import SDXLCondition
+
+
+def sampling_path(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The trailing grid followed by CLEAN: (N + 1,) timesteps."""
+    return torch.cat([trailing_timesteps(num_steps, num_train_timesteps), torch.tensor([CLEAN])])
+
+
+@torch.no_grad()
+def sample(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    prediction: Prediction,
+    noise: torch.Tensor,
+    num_steps: int,
+    condition: SDXLCondition,
+    uncondition: SDXLCondition | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """Latents x0 after `num_steps` trailing DDIM steps from pure noise (`NoiseSchedule.pure_noise`).
+
+    Equals diffusers' StableDiffusionXLPipeline with EulerDiscreteScheduler(timestep_spacing=
+    "trailing") on the same UNet and noise (tests/test_sampler.py).
+    """
+    path = sampling_path(num_steps, schedule.num_train_timesteps)
+    x_t = schedule.pure_noise(noise)
+    return solve(model_fn, schedule, prediction, x_t, path, condition, uncondition, guidance_scale)

@@ -1,0 +1,92 @@
+"""One loading path for SDXL pipeline folders: real SDXL (local or hub id) and the tiny model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lightning_sdxl.models.tokenizers import check_tokenizer
+
+REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+@dataclass
+class SDXLComponents:
+    """The parts of an SDXL pipeline that training uses."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    scheduler_config: dict
+    force_zeros_for_empty_prompt: bool
+
+
+def check_pipeline_folder(path: str) -> None:
+    """Fail fast, before any weights load, if a local SDXL folder is missing or incomplete."""
+    folder = Path(path)
+    looks_local = folder.is_absolute() or path.startswith((".", "~")) or folder.exists()
+    if not looks_local:
+        return  # a hub id ("org/name"): diffusers resolves it from the cache or the hub
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model.path={path} does not exist: point it at a diffusers SDXL folder "
+            "(model_index.json, unet/, vae/, text_encoder*/, tokenizer*/, scheduler/) or a hub id."
+        )
+    missing = [name for name in REQUIRED_SUBFOLDERS if not (folder / name).is_dir()]
+    if not (folder / "model_index.json").exists() or missing:
+        raise FileNotFoundError(
+            f"model.path={path} is not a complete diffusers SDXL folder (missing: "
+            f"{', '.join(missing) or 'model_index.json'}): save it with "
+            "StableDiffusionXLPipeline.save_pretrained or download the full repository."
+        )
+
+
+def _pipeline_config(path: str) -> dict:
+    local = Path(path) / "model_index.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(path, "model_index.json")).read_text())
+
+
+def load_sdxl(path: str, variant: str | None = None, dtype: torch.dtype = torch.float32) -> SDXLComponents:
+    """Load an SDXL pipeline folder or hub id, component by component (never remote code).
+
+    Args:
+        path: a local diffusers SDXL folder or a hub id.
+        variant: weight file variant, e.g. "fp16", or None for the default weights.
+        dtype: dtype to load every model in.
+    """
+    check_pipeline_folder(path)
+    kwargs = {"variant": variant, "torch_dtype": dtype, "use_safetensors": True}
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2")
+    for name, loaded in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
+        check_tokenizer(loaded, f"{path}/{name}")
+    scheduler_config = dict(EulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
+    return SDXLComponents(
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs_tf(kwargs)),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", **kwargs_tf(kwargs)
+        ),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler_config=scheduler_config,
+        force_zeros_for_empty_prompt=_pipeline_config(path).get("force_zeros_for_empty_prompt", True),
+    )
+
+
+def kwargs_tf(kwargs: dict) -> dict:
+    """transformers 5 spells diffusers' `torch_dtype` as `dtype`."""
+    return {"variant": kwargs["variant"], "dtype": kwargs["torch_dtype"], "use_safetensors": True}

@@ -1,0 +1,122 @@
+"""The student UNet (peft LoRA or full) and its frozen teacher (METHOD.md 2, LoRA settings)."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+from torch import nn
+
+from lightning_sdxl.models.conditioning import SDXLCondition
+
+# LCM-LoRA's target modules: every linear and conv layer of the UNet's blocks, but not conv_in,
+# conv_out or the shared time embedding (METHOD.md 2).
+LCM_LORA_TARGET_MODULES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
+
+
+class StudentTeacher(nn.Module):
+    """A trainable student UNet and the frozen teacher it starts from.
+
+    With `student_type="lora"` both share one UNet: the frozen base weights are the teacher, the
+    peft adapters the student, so SDXL's 2.6 B weights are held once. With `"full"` the teacher is a
+    frozen copy and the whole student UNet trains.
+
+    Args:
+        unet: the teacher UNet (also the student's initialisation).
+        student_type: "lora" or "full".
+        lora_rank: LoRA rank r (>= 1), used when student_type is "lora".
+        lora_alpha: LoRA alpha; None means alpha = rank (scale 1).
+        lora_target_modules: module name suffixes that get adapters.
+        teacher_dtype: dtype of the frozen teacher weights (the student trains in float32).
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        student_type: str = "lora",
+        lora_rank: int = 64,
+        lora_alpha: float | None = None,
+        lora_target_modules: tuple[str, ...] = LCM_LORA_TARGET_MODULES,
+        teacher_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if student_type not in ("lora", "full"):
+            raise ValueError(f"student_type={student_type!r}: choose 'lora' or 'full'.")
+        self.student_type = student_type
+        if student_type == "lora":
+            unet.requires_grad_(False).to(teacher_dtype)
+            config = LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha or lora_rank,
+                init_lora_weights="gaussian",  # B = 0: the student starts exactly at the teacher
+                target_modules=list(lora_target_modules),
+            )
+            unet.add_adapter(config)
+            for parameter in unet.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()  # adapters train in float32
+            self.teacher_unet = None
+        else:
+            self.teacher_unet = copy.deepcopy(unet).requires_grad_(False).to(teacher_dtype).eval()
+            unet.requires_grad_(True).float()
+        self.unet = unet
+
+    def train(self, mode: bool = True) -> StudentTeacher:
+        super().train(mode)
+        if self.teacher_unet is not None:
+            self.teacher_unet.eval()
+        return self
+
+    def student(self, x_t: torch.Tensor, t: torch.Tensor, condition: SDXLCondition) -> torch.Tensor:
+        """The student's raw output u at x_t."""
+        return self.unet(x_t, t, **condition.unet_kwargs, return_dict=False)[0]
+
+    @torch.no_grad()
+    def teacher(self, x_t: torch.Tensor, t: torch.Tensor, condition: SDXLCondition) -> torch.Tensor:
+        """The frozen teacher's raw output u at x_t (never builds a graph)."""
+        with self.teacher_mode():
+            unet = self.teacher_unet or self.unet
+            dtype = next(unet.parameters()).dtype
+            kwargs = _cast(condition, dtype).unet_kwargs
+            return unet(x_t.to(dtype), t, **kwargs, return_dict=False)[0].to(x_t.dtype)
+
+    @contextmanager
+    def teacher_mode(self):
+        """Disable the LoRA adapters (the base UNet is the teacher) for the duration."""
+        if self.teacher_unet is not None:
+            yield
+            return
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [parameter for parameter in self.unet.parameters() if parameter.requires_grad]
+
+
+def _cast(condition: SDXLCondition, dtype: torch.dtype) -> SDXLCondition:
+    return SDXLCondition(
+        condition.prompt_embeds.to(dtype),
+        condition.pooled_prompt_embeds.to(dtype),
+        condition.add_time_ids.to(dtype),
+    )

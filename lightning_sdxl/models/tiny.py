@@ -1,0 +1,133 @@
+"""A tiny SDXL: the real classes and code path at toy size, built offline and deterministically.
+
+It writes itself as a standard diffusers SDXL folder, so after `load_sdxl` the tiny model and
+real SDXL go through literally the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from lightning_sdxl.models.tokenizers import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, offline_clip_tokenizer
+
+# Bump when the architecture below changes, so cached folders of an older build are not reused.
+TINY_SDXL_VERSION = 1
+TEXT_WIDTH = 32  # each text encoder; cross_attention_dim = 2 x 32
+ADDITION_TIME_EMBED_DIM = 8  # projection_class_embeddings_input_dim = 32 + 6 x 8 = 80
+
+# SDXL base 1.0's scheduler config (scaled_linear betas; the project only reads the schedule).
+SDXL_SCHEDULER_CONFIG = {
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+
+
+def _text_config(projection: bool) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=4 * TEXT_WIDTH,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        projection_dim=TEXT_WIDTH if projection else 512,
+        hidden_act="gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+
+
+def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL pipeline at toy size (about 2 M UNet parameters).
+
+    Latents are 4 x R/8 x R/8 as in SDXL; the UNet has SDXL's `text_time` added conditioning and
+    cross-attention on both text encoders' states. Deterministic in `seed`, global RNG untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * ADDITION_TIME_EMBED_DIM,
+            cross_attention_dim=2 * TEXT_WIDTH,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=128,
+            force_upcast=False,
+        )
+        text_encoder = CLIPTextModel(_text_config(projection=False))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(projection=True))
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=offline_clip_tokenizer(),
+        tokenizer_2=offline_clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def default_cache_dir() -> Path:
+    """Where generated assets live: $LIGHTNING_SDXL_HOME, else ~/.cache/lightning_sdxl."""
+    return Path(os.environ.get("LIGHTNING_SDXL_HOME", Path.home() / ".cache" / "lightning_sdxl"))
+
+
+def ensure_tiny_sdxl(folder: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Write the tiny SDXL as a diffusers folder once (atomically) and return its path."""
+    folder = Path(folder) if folder else default_cache_dir() / f"tiny-sdxl-v{TINY_SDXL_VERSION}-seed{seed}"
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        build_tiny_sdxl(seed).save_pretrained(staging, safe_serialization=True)
+        try:
+            staging.rename(folder)
+        except OSError:
+            # Another process (a DDP rank) finished first; its folder is identical.
+            if not (folder / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

@@ -1,0 +1,313 @@
+"""The distillation LightningModule: one stage of progressive adversarial distillation.
+
+Per batch (METHOD.md 2-3): latents x0 and condition c; a jump t -> t' of the stage; x_t; the frozen
+teacher's n-step target x_{t'}; the student's one-step x_{t'}; then a generator step and, for the
+adversarial losses, a discriminator step. The maths lives in `diffusion/`, `models/`, `losses.py`.
+
+Step convention: Lightning's `trainer.global_step` counts optimizer steps, so an adversarial batch
+advances it by 2 (generator + discriminator) and an MSE batch by 1. Everything the user configures
+(`steps`, validation and checkpoint intervals) counts batches, i.e. generator updates; `train()`
+converts to optimizer steps where Lightning needs them. Loggers' x-axis also counts batches.
+"""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lightning_sdxl.diffusion.prediction import get_prediction
+from lightning_sdxl.diffusion.sampler import sample
+from lightning_sdxl.diffusion.schedule import CLEAN, NoiseSchedule
+from lightning_sdxl.diffusion.solver import move, solve
+from lightning_sdxl.diffusion.stage_grid import StageGrid
+from lightning_sdxl.losses import Renoiser, discriminator_loss, generator_loss, mse_loss
+from lightning_sdxl.models.conditioning import SDXLCondition
+from lightning_sdxl.models.discriminator import Discriminator
+from lightning_sdxl.models.loading import load_sdxl
+from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeacher
+from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
+
+LOSSES = ("mse", "cond_adv", "uncond_adv")
+
+
+def _plain(value):
+    """OmegaConf containers (from Hydra) and tuples as plain lists and dicts."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return list(value) if isinstance(value, tuple) else value
+
+
+class DistillationModule(L.LightningModule):
+    """One stage "A to B" (METHOD.md 2) with the loss `mse`, `cond_adv` or `uncond_adv`.
+
+    Args:
+        model_path: diffusers SDXL folder or hub id of the teacher (and initial student).
+        model_variant: weight variant to load ("fp16") or None.
+        frozen_dtype: "float32", "bfloat16" or "float16" for the frozen teacher, VAE and text encoders.
+        teacher_steps: A, the teacher's steps.
+        student_steps: B, the student's steps.
+        guidance_scale: the teacher's classifier-free guidance (6 in stage 128 to 32, else 1 = off).
+        start_timesteps: multi-timestep training starts (1- and 2-step stages), None for the grid.
+        loss: "mse", "cond_adv" or "uncond_adv".
+        renoise_timesteps: t* for multi-timestep discrimination when t' is clean.
+        renoise_weights: relative weights of `renoise_timesteps`.
+        student_type: "lora" or "full".
+        lora_rank: LoRA rank.
+        lora_alpha: LoRA alpha (None: equal to the rank).
+        lora_target_modules: module name suffixes that get LoRA adapters.
+        gradient_checkpointing: trade compute for memory in the student UNet.
+        prediction_type: the student's prediction type; None keeps the teacher's.
+        head_blocks: discriminator head depth (4x4 stride-2 conv blocks).
+        head_channels: discriminator head width; None derives it from the mid block.
+        generator_optimizer: a Hydra config of a partial optimizer for the student.
+        discriminator_optimizer: the same for the discriminator.
+        lr_scheduler: a Hydra config of a partial LR scheduler (applied to both), or None.
+        gradient_clip_val: max gradient norm per optimizer step, or None.
+        resolution: image size in pixels (target size of the micro-conditioning).
+        validation_teacher_steps: the teacher's steps in validation grids (None: teacher_steps).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        model_variant: str | None = None,
+        frozen_dtype: str = "float32",
+        teacher_steps: int = 8,
+        student_steps: int = 4,
+        guidance_scale: float = 1.0,
+        start_timesteps: list[int] | None = None,
+        loss: str = "cond_adv",
+        renoise_timesteps: list[int] = (10, 250, 500, 750),
+        renoise_weights: list[float] = (1, 1, 1, 1),
+        student_type: str = "lora",
+        lora_rank: int = 64,
+        lora_alpha: float | None = None,
+        lora_target_modules: list[str] = LCM_LORA_TARGET_MODULES,
+        gradient_checkpointing: bool = False,
+        prediction_type: str | None = None,
+        head_blocks: int = 2,
+        head_channels: int | None = None,
+        generator_optimizer: dict | None = None,
+        discriminator_optimizer: dict | None = None,
+        lr_scheduler: dict | None = None,
+        gradient_clip_val: float | None = 1.0,
+        resolution: int = 1024,
+        validation_teacher_steps: int | None = None,
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r}: choose one of {LOSSES}.")
+        # Plain containers in hparams, so checkpoints load with torch.load(weights_only=True).
+        generator_optimizer, discriminator_optimizer, lr_scheduler = (
+            _plain(generator_optimizer), _plain(discriminator_optimizer), _plain(lr_scheduler)
+        )
+        start_timesteps, lora_target_modules = _plain(start_timesteps), _plain(lora_target_modules)
+        renoise_timesteps, renoise_weights = _plain(renoise_timesteps), _plain(renoise_weights)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.adversarial = loss != "mse"
+        self.grid = StageGrid(teacher_steps, student_steps, start_timesteps)
+
+        components = load_sdxl(model_path, model_variant)
+        dtype = getattr(torch, frozen_dtype)
+        self.schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
+        self.teacher_prediction = get_prediction(components.scheduler_config.get("prediction_type", "epsilon"))
+        self.student_prediction = get_prediction(prediction_type or self.teacher_prediction.name)
+        self.vae = components.vae.requires_grad_(False).to(dtype).eval()
+        self.text_encoder = SDXLTextEncoder(
+            components.text_encoder.to(dtype),
+            components.text_encoder_2.to(dtype),
+            components.tokenizer,
+            components.tokenizer_2,
+            zero_empty_prompt=components.force_zeros_for_empty_prompt,
+        )
+        # Built from the teacher before the student gets adapters; re-initialised every stage.
+        self.discriminator = (
+            Discriminator.from_unet(
+                components.unet, conditional=loss == "cond_adv", head_channels=head_channels,
+                head_blocks=head_blocks, dtype=torch.float32,
+            )
+            if self.adversarial
+            else None
+        )
+        self.pair = StudentTeacher(
+            components.unet, student_type, lora_rank, lora_alpha, tuple(lora_target_modules), dtype
+        )
+        if gradient_checkpointing:
+            self.pair.unet.enable_gradient_checkpointing()
+        self.renoiser = Renoiser(list(renoise_timesteps), list(renoise_weights))
+        self.validation_outputs: list[dict[str, torch.Tensor]] = []
+        self.strict_loading = False  # checkpoints hold trainable weights only (on_save_checkpoint)
+
+    # ---- data ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) in [-1, 1] -> scaled VAE latents x0 (B, 4, R/8, R/8)."""
+        config = self.vae.config
+        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return ((latents - shift) * config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images (B, 3, R, R) in [0, 1]."""
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        images = self.vae.decode((latents / config.scaling_factor + shift).to(self.vae.dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def condition(self, prompts: list[str], original_size=None, crop_top_left=None) -> SDXLCondition:
+        batch, size = len(prompts), self.hparams.resolution
+        if original_size is None:
+            original_size = torch.tensor([[size, size]] * batch, device=self.device)
+            crop_top_left = torch.zeros(batch, 2, dtype=torch.long, device=self.device)
+        condition = build_condition(self.text_encoder, prompts, original_size, crop_top_left, (size, size))
+        return SDXLCondition(*(tensor.float() for tensor in vars(condition).values()))
+
+    def uncondition(self, condition: SDXLCondition) -> SDXLCondition | None:
+        """The empty-prompt condition when the teacher uses CFG (stage 128 to 32), else None."""
+        if self.hparams.guidance_scale <= 1.0:
+            return None
+        return SDXLCondition(*(tensor.float() for tensor in vars(unconditional_like(self.text_encoder, condition)).values()))
+
+    # ---- training ------------------------------------------------------------------------------
+
+    @property
+    def optimizers_per_batch(self) -> int:
+        return 2 if self.adversarial else 1
+
+    @property
+    def generator_steps(self) -> int:
+        """Batches trained so far (the project's step convention, see the module docstring)."""
+        return self.trainer.global_step // self.optimizers_per_batch
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        x0 = self.encode_images(batch["pixel_values"])  # (B, 4, H/8, W/8)
+        condition = self.condition(batch["prompt"], batch["original_size"], batch["crop_top_left"])
+        path = self.grid.draw(len(x0)).to(self.device)  # (n + 1, B): t, teacher substeps, t'
+        t, t_next = path[0], path[-1]
+        x_t = self.schedule.forward_process(x0, torch.randn_like(x0), t)
+
+        # Teacher target: n frozen steps from t to t' (METHOD.md 2, step 3).
+        x_next_real = solve(
+            self.pair.teacher, self.schedule, self.teacher_prediction, x_t, path, condition,
+            self.uncondition(condition), self.hparams.guidance_scale,
+        )
+        # Student: one jump from t to t' (step 4).
+        u = self.pair.student(x_t, t, condition)
+        x_next_fake = move(self.schedule, self.student_prediction, x_t, u, t, t_next)
+
+        if not self.adversarial:
+            self._optimizer_step(0, mse_loss(x_next_fake, x_next_real), "generator")
+            return
+        # Multi-timestep discrimination when t' is clean (METHOD.md 3).
+        x_real, x_fake, t_judge = self.renoiser(self.schedule, x_next_real, x_next_fake, t_next, t_next == CLEAN)
+
+        # Generator phase: fool the discriminator.
+        (logits_fake,) = self.discriminator.judge(x_t, t, [x_fake], t_judge, condition)
+        self._optimizer_step(0, generator_loss(logits_fake), "generator")
+
+        # Discriminator phase: real and fake in one batch, d(x_t) computed once.
+        logits_real, logits_fake = self.discriminator.judge(x_t, t, [x_real, x_fake.detach()], t_judge, condition)
+        self._optimizer_step(1, discriminator_loss(logits_real, logits_fake), "discriminator")
+        self.log_dict(
+            {
+                "discriminator/logits_real": logits_real.mean(),
+                "discriminator/logits_fake": logits_fake.mean(),
+                "discriminator/accuracy_real": (logits_real > 0).float().mean(),
+                "discriminator/accuracy_fake": (logits_fake < 0).float().mean(),
+            },
+            sync_dist=True,
+        )
+
+    def _optimizer_step(self, index: int, loss: torch.Tensor, name: str) -> None:
+        """toggle, backward, clip, step, LR schedule for optimizer `index`, and log the loss."""
+        optimizer = self._as_list(self.optimizers())[index]
+        scheduler = self._as_list(self.lr_schedulers())
+        self.toggle_optimizer(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.gradient_clip_val:
+            self.clip_gradients(optimizer, self.hparams.gradient_clip_val, "norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.untoggle_optimizer(optimizer)
+        if scheduler:
+            scheduler[index].step()
+        self.log(f"loss/{name}", loss.detach(), prog_bar=True, sync_dist=True)
+        self.log(f"lr/{name}", optimizer.param_groups[0]["lr"])
+
+    @staticmethod
+    def _as_list(value) -> list:
+        if value is None:
+            return []
+        return value if isinstance(value, list) else [value]
+
+    def configure_optimizers(self):
+        generator = hydra.utils.instantiate(self.hparams.generator_optimizer)(self.pair.trainable_parameters())
+        optimizers = [generator]
+        if self.adversarial:
+            optimizers.append(
+                hydra.utils.instantiate(self.hparams.discriminator_optimizer)(self.discriminator.parameters())
+            )
+        if not self.hparams.lr_scheduler:
+            return optimizers
+        make_scheduler = hydra.utils.instantiate(self.hparams.lr_scheduler)
+        return optimizers, [make_scheduler(optimizer) for optimizer in optimizers]
+
+    # ---- validation: fixed prompts and seeds, teacher beside student ---------------------------
+
+    def initial_noise(self, seeds: torch.Tensor) -> torch.Tensor:
+        """Per-seed noise (B, 4, R/8, R/8), identical on any device and batch composition."""
+        size = self.hparams.resolution // 8
+        noise = [torch.randn(4, size, size, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
+        return torch.stack(noise).to(self.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: torch.Tensor, model: str, num_steps: int) -> torch.Tensor:
+        """Latents x0 of the teacher or the student ("teacher" / "student") at num_steps."""
+        condition = self.condition(prompts)
+        noise = self.initial_noise(seeds)
+        if model == "teacher":
+            return sample(
+                self.pair.teacher, self.schedule, self.teacher_prediction, noise, num_steps,
+                condition, self.uncondition(condition), self.hparams.guidance_scale,
+            )
+        return sample(self.pair.student, self.schedule, self.student_prediction, noise, num_steps, condition)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        teacher_steps = self.hparams.validation_teacher_steps or self.hparams.teacher_steps
+        teacher = self.generate(batch["prompt"], batch["seed"], "teacher", teacher_steps)
+        student = self.generate(batch["prompt"], batch["seed"], "student", self.hparams.student_steps)
+        self.log("val/latent_mse_to_teacher", torch.mean((student - teacher) ** 2), sync_dist=True)
+        self.validation_outputs.append(
+            {"teacher": self.decode_latents(teacher), "student": self.decode_latents(student), "seed": batch["seed"]}
+        )
+
+    def on_validation_epoch_start(self) -> None:
+        self.validation_outputs.clear()
+
+    # ---- checkpoints: trainable weights only ---------------------------------------------------
+
+    def trainable_state_keys(self) -> set[str]:
+        """Keys of the weights a checkpoint must hold: the student's trainable ones and the discriminator."""
+        keys = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        if self.discriminator is not None:
+            keys |= {f"discriminator.{name}" for name in self.discriminator.state_dict()}
+        return keys
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Drop the frozen teacher, VAE and text encoders: they reload from `model_path`."""
+        keys = self.trainable_state_keys()
+        checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key in keys}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = self.trainable_state_keys() - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(
+                f"The checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[:3]}): "
+                "it was written for another student or loss; resume with the same stage, loss and student."
+            )

@@ -1,0 +1,69 @@
+"""train(cfg): validate the config, then instantiate data, module, callbacks, loggers, trainer; fit."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+import lightning as L
+from lightning.pytorch.strategies import DDPStrategy
+from omegaconf import DictConfig, open_dict
+
+from lightning_sdxl.config_checks import validate_config
+from lightning_sdxl.io import AtomicCheckpointIO
+from lightning_sdxl.models.tiny import ensure_tiny_sdxl
+
+log = logging.getLogger(__name__)
+
+
+def _optimizers_per_batch(cfg: DictConfig) -> int:
+    """The step convention (lightning_sdxl/module.py): 2 optimizer steps per adversarial batch."""
+    return 1 if cfg.loss.name == "mse" else 2
+
+
+def _multi_device(trainer_cfg: DictConfig) -> bool:
+    devices = trainer_cfg.get("devices", 1)
+    count = len(devices) if not isinstance(devices, (int, str)) else devices
+    return trainer_cfg.get("num_nodes", 1) > 1 or count in (-1, "-1", "auto") or int(count) > 1
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    """The Trainer of `cfg.trainer` with the derived step counts and checkpoint writer."""
+    kwargs = {"max_steps": cfg.steps * _optimizers_per_batch(cfg)}
+    if cfg.trainer.strategy == "auto" and _multi_device(cfg.trainer):
+        # The generator and discriminator steps each leave the other's weights without gradients.
+        kwargs["strategy"] = DDPStrategy(find_unused_parameters=True)
+    return hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()], **kwargs
+    )
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    callbacks = []
+    for name, callback_cfg in (cfg.get("callbacks") or {}).items():
+        if name == "model_checkpoint":
+            with open_dict(callback_cfg):
+                callback_cfg.every_n_train_steps = cfg.checkpoint.every_n_steps * _optimizers_per_batch(cfg)
+        log.info("Instantiating callback <%s>", callback_cfg._target_)
+        callbacks.append(hydra.utils.instantiate(callback_cfg))
+    return callbacks
+
+
+def instantiate_loggers(cfg: DictConfig) -> list:
+    return [hydra.utils.instantiate(logger_cfg) for logger_cfg in (cfg.get("logger") or {}).values()]
+
+
+def train(cfg: DictConfig) -> L.Trainer:
+    """Run one stage (or phase) of distillation as configured. Returns the fitted Trainer."""
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.model.name == "tiny":
+        with open_dict(cfg):
+            cfg.model.path = str(ensure_tiny_sdxl(cfg.model.path, cfg.model.seed))
+    log.info("Instantiating datamodule <%s>", cfg.data._target_)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    log.info("Instantiating module: stage %s, loss %s, %s student", cfg.stage.name, cfg.loss.name, cfg.student.type)
+    module = hydra.utils.instantiate(cfg.module)
+    trainer = build_trainer(cfg, instantiate_callbacks(cfg), instantiate_loggers(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    return trainer

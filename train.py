@@ -1,0 +1,22 @@
+"""Distil one SDXL-Lightning stage: python train.py [stage=2to1 loss=uncond_adv trainer.devices=8 ...]."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from lightning_sdxl.config_checks import ConfigError
+from lightning_sdxl.train import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except ConfigError as error:
+        print(f"Config error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
