@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_sdxl.diffusion.prediction import PREDICTIONS
 from lightning_sdxl.models.discriminator import DiscriminatorHead
 from lightning_sdxl.models.loading import check_pipeline_folder
 
 VALID_DTYPES = ("float32", "bfloat16", "float16")
+# lightning_sdxl/models/tiny.py: block_out_channels=(32, 64), one stride-2 level (tests/test_configs.py checks).
+TINY_UNET_LEVELS = 1
 
 
 class ConfigError(ValueError):
@@ -28,7 +30,7 @@ def validate_config(cfg: DictConfig) -> None:
     stage, student, loss = cfg.stage, cfg.student, cfg.loss
     _require(
         stage.student_steps >= 1 and stage.teacher_steps % stage.student_steps == 0,
-        f"stage: teacher_steps={stage.teacher_steps} is not a multiple of student_steps="
+        f"stage.teacher_steps={stage.teacher_steps} is not a multiple of stage.student_steps="
         f"{stage.student_steps}; pick steps whose ratio is a whole number (e.g. stage=8to4).",
     )
     _require(
@@ -74,20 +76,40 @@ def validate_config(cfg: DictConfig) -> None:
     _require(
         not (experiment == "toy" and cfg.model.name != "tiny"),
         f"experiment=toy is scaled for the tiny model, not model={cfg.model.name}: "
-        "add experiment=sdxl (the paper's settings) or experiment=null.",
+        "add experiment=sdxl (the paper's settings) or ~experiment (no preset).",
     )
+    _check_data_root(cfg.data)
     if cfg.model.path is not None:
         check_pipeline_folder(str(cfg.model.path))
-        if loss.name != "mse":
-            _check_discriminator_fits(cfg)
+    if loss.name != "mse":
+        _check_discriminator_fits(cfg)
+
+
+def _check_data_root(data: DictConfig) -> None:
+    """A folder datamodule's `root` must be set and exist (it is indexed only after the model builds)."""
+    if OmegaConf.is_missing(data, "root"):
+        raise ConfigError("data.root is not set: add data.root=/path/to/images (images with sidecar .txt captions).")
+    root = data.get("root")
+    if root is not None and not Path(str(root)).is_dir():
+        raise FileNotFoundError(
+            f"data.root={root} is not a folder: point data.root at a folder of images with sidecar .txt captions."
+        )
+
+
+def _unet_levels(cfg: DictConfig) -> int | None:
+    """The UNet's stride-2 levels, from a local folder's unet config, or the tiny model's before it is built."""
+    path = cfg.model.path
+    unet_config = Path(str(path)) / "unet" / "config.json" if path is not None else None
+    if unet_config is not None and unet_config.exists():
+        return len(json.loads(unet_config.read_text())["block_out_channels"]) - 1
+    return TINY_UNET_LEVELS if cfg.model.name == "tiny" else None
 
 
 def _check_discriminator_fits(cfg: DictConfig) -> None:
-    """The head's stride-2 blocks need features of at least 2^blocks pixels (local folders only)."""
-    unet_config = Path(str(cfg.model.path)) / "unet" / "config.json"
-    if not unet_config.exists():
+    """The head's stride-2 blocks need features of at least 2^blocks pixels (local or tiny UNets only)."""
+    levels = _unet_levels(cfg)
+    if levels is None:
         return
-    levels = len(json.loads(unet_config.read_text())["block_out_channels"]) - 1
     feature_size = cfg.data.resolution // 8 // 2**levels
     needed = DiscriminatorHead.min_input_size(cfg.discriminator.head_blocks)
     _require(

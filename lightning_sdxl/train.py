@@ -53,8 +53,13 @@ def instantiate_loggers(cfg: DictConfig) -> list:
     return [hydra.utils.instantiate(logger_cfg) for logger_cfg in (cfg.get("logger") or {}).values()]
 
 
-def train(cfg: DictConfig) -> L.Trainer:
-    """Run one stage (or phase) of distillation as configured. Returns the fitted Trainer."""
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
+    """Run one stage (or phase) of distillation as configured. Returns the fitted Trainer.
+
+    Args:
+        cfg: the composed config (conf/train.yaml).
+        extra_callbacks: callbacks added to the configured ones (notebooks, tests).
+    """
     validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.model.name == "tiny":
@@ -64,6 +69,6 @@ def train(cfg: DictConfig) -> L.Trainer:
     datamodule = hydra.utils.instantiate(cfg.data)
     log.info("Instantiating module: stage %s, loss %s, %s student", cfg.stage.name, cfg.loss.name, cfg.student.type)
     module = hydra.utils.instantiate(cfg.module)
-    trainer = build_trainer(cfg, instantiate_callbacks(cfg), instantiate_loggers(cfg))
+    trainer = build_trainer(cfg, instantiate_callbacks(cfg) + list(extra_callbacks), instantiate_loggers(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     return trainer

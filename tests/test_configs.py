@@ -1,0 +1,405 @@
+"""Every file of every config group composes and builds; a config that cannot work fails early.
+
+Files are enumerated from conf/, so a new file is covered without editing this module. A config
+that cannot work must fail in `validate_config` (one line naming the key) before any model loads.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+import torch
+from conftest import CONF_DIR, CPU_OVERRIDES, compose_config
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from omegaconf import OmegaConf
+from PIL import Image
+
+from lightning_sdxl.config_checks import TINY_UNET_LEVELS, ConfigError, validate_config
+from lightning_sdxl.models.loading import check_pipeline_folder
+from lightning_sdxl.train import build_trainer, instantiate_callbacks, instantiate_loggers, train
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = Path(CONF_DIR)
+GROUPS = {
+    folder.name: sorted(path.stem for path in folder.glob("*.yaml"))
+    for folder in sorted(CONF.iterdir())
+    if folder.is_dir()
+}
+ALL_FILES = [(group, name) for group, names in GROUPS.items() for name in names]
+FILE_IDS = [f"{group}={name}" for group, name in ALL_FILES]
+
+# Groups whose files all feed the DistillationModule (checked on combined instantiations).
+MODULE_GROUPS = ("stage", "loss", "prediction", "student", "discriminator", "optim", "model")
+# Model files that name real weights (a hub id): composed and validated, never instantiated offline.
+HUB_MODELS = ("sdxl",)
+HANDLED_GROUPS = {"data", "callbacks", "logger", "trainer", "experiment", *MODULE_GROUPS}
+
+
+def _files(group: str) -> list[tuple[str, str]]:
+    return [(g, name) for g, name in ALL_FILES if g == group]
+
+
+def _ids(files: list[tuple[str, str]]) -> list[str]:
+    return [f"{group}={name}" for group, name in files]
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory) -> str:
+    """A data.root with one captioned image."""
+    root = tmp_path_factory.mktemp("images")
+    Image.new("RGB", (96, 80), (200, 40, 40)).save(root / "red.png")
+    (root / "red.txt").write_text("a red square")
+    return str(root)
+
+
+def _required_overrides(group: str, name: str, tiny: str, root: str) -> list[str]:
+    """The values a file leaves for the command line (`???`), as a user would give them."""
+    if (group, name) == ("data", "folder"):
+        return [f"data.root={root}"]
+    if (group, name) == ("experiment", "sdxl"):
+        return [f"model.path={tiny}", f"data.root={root}"]
+    return []
+
+
+def _choices(overrides: list[str]) -> dict:
+    """Hydra's resolved group choices for `python train.py <CPU overrides> <overrides>`."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=CPU_OVERRIDES + overrides, return_hydra_config=True)
+    return OmegaConf.to_container(cfg.hydra.runtime.choices)
+
+
+def _target_class(target: str) -> type:
+    return hydra.utils.get_class(target)
+
+
+# ---- 1. every file composes and instantiates ---------------------------------------------------
+
+
+def test_every_group_is_handled():
+    """A new config group needs a check here (a new file in a known group is covered already)."""
+    assert set(GROUPS) == HANDLED_GROUPS, f"conf/ groups {set(GROUPS) ^ HANDLED_GROUPS} need a test"
+    assert all(GROUPS.values()), "every config group holds at least one file"
+
+
+@pytest.mark.parametrize(("group", "name"), ALL_FILES, ids=FILE_IDS)
+def test_every_file_composes(group, name, tiny_sdxl_path, image_root, tmp_path):
+    overrides = [f"{group}={name}", *_required_overrides(group, name, tiny_sdxl_path, image_root)]
+    cfg = compose_config(overrides, tmp_path / "run")
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation resolves
+    assert container["module"]["_target_"] == "lightning_sdxl.module.DistillationModule"
+    assert _choices(overrides)[group] == name
+    raw = OmegaConf.load(CONF / group / f"{name}.yaml")
+    if group != "experiment":  # experiments are `@package _global_`
+        own_keys = set(raw) - {"defaults"}
+        assert own_keys <= set(cfg[group]), f"{group}={name}: keys {own_keys - set(cfg[group])} were lost"
+        if not raw and "defaults" not in raw:
+            assert not cfg[group], f"{group}={name} is empty and must compose to an empty group"
+
+
+@pytest.mark.parametrize(("group", "name"), _files("experiment"), ids=_ids(_files("experiment")))
+def test_experiment_presets_validate_as_given(group, name, tiny_sdxl_path, image_root, tmp_path):
+    """`python train.py experiment=X [its required paths]`, unshrunk, is a valid config."""
+    overrides = [f"experiment={name}", *_required_overrides(group, name, tiny_sdxl_path, image_root)]
+    cfg = compose_config(overrides, tmp_path / "run", shrink=False)
+    validate_config(cfg)
+    raw = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
+    for key in ("steps", "experiment_name"):
+        if key in raw:
+            assert cfg[key] == raw[key]
+
+
+def test_experiment_sdxl_selects_the_real_setup(tiny_sdxl_path, image_root, tmp_path):
+    cfg = compose_config([f"model.path={tiny_sdxl_path}", f"data.root={image_root}", "experiment=sdxl"],
+                         tmp_path / "run", shrink=False)
+    assert (cfg.model.name, cfg.data._target_, cfg.trainer.strategy) == (
+        "sdxl", "lightning_sdxl.data.FolderDataModule", "ddp_find_unused_parameters_true"
+    )
+    assert cfg.model.frozen_dtype == "bfloat16" and "mixed" in cfg.trainer.precision
+
+
+@pytest.mark.parametrize(("group", "name"), _files("data"), ids=_ids(_files("data")))
+def test_data_files_instantiate(group, name, image_root, make_config):
+    cfg = make_config(f"data={name}", *_required_overrides(group, name, "", image_root),
+                      "data.batch_size=1", "data.num_workers=0")
+    datamodule = hydra.utils.instantiate(cfg.data)
+    assert isinstance(datamodule, L.LightningDataModule)
+    assert isinstance(datamodule, _target_class(cfg.data._target_))
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["pixel_values"].shape == (1, 3, cfg.data.resolution, cfg.data.resolution)
+    assert isinstance(batch["prompt"][0], str) and batch["prompt"][0]
+    prompts = next(iter(datamodule.val_dataloader()))
+    assert len(prompts["prompt"]) >= 1
+
+
+@pytest.mark.parametrize(("group", "name"), _files("callbacks"), ids=_ids(_files("callbacks")))
+def test_callback_files_instantiate(group, name, make_config):
+    cfg = make_config(f"callbacks={name}", "checkpoint.every_n_steps=3")
+    callbacks = instantiate_callbacks(cfg)
+    entries = list((cfg.callbacks or {}).items())
+    assert len(callbacks) == len(entries)
+    for callback, (key, entry) in zip(callbacks, entries):
+        assert isinstance(callback, L.Callback), key
+        assert type(callback) is _target_class(entry._target_), key
+        if key == "model_checkpoint":  # batches -> optimizer steps (2 per adversarial batch)
+            assert callback._every_n_train_steps == 3 * 2
+            assert Path(callback.dirpath).is_relative_to(cfg.output_dir)
+
+
+@pytest.mark.parametrize(("group", "name"), _files("logger"), ids=_ids(_files("logger")))
+def test_logger_files_instantiate(group, name, make_config):
+    cfg = make_config(f"logger={name}")
+    loggers = instantiate_loggers(cfg)
+    entries = list((cfg.logger or {}).values())
+    assert len(loggers) == len(entries)
+    for logger, entry in zip(loggers, entries):
+        assert type(logger) is _target_class(entry._target_)
+        assert Path(logger.save_dir).is_relative_to(cfg.output_dir)
+
+
+@pytest.mark.parametrize(("group", "name"), _files("trainer"), ids=_ids(_files("trainer")))
+def test_trainer_files_build(group, name, make_config):
+    cfg = make_config(f"trainer={name}")
+    strategy = cfg.trainer.strategy
+    if cfg.trainer.accelerator not in ("cpu", "auto"):  # gpu, ddp: the same file, built on the CPU
+        cfg = make_config(f"trainer={name}", "trainer.accelerator=cpu", "trainer.devices=1",
+                          "trainer.precision=32-true")
+        assert cfg.trainer.strategy == strategy, "the CPU overrides must keep the file's strategy"
+    validate_config(cfg)
+    trainer = build_trainer(cfg, [], [])
+    assert trainer.max_steps == cfg.steps * 2  # the default loss is adversarial
+    assert trainer.val_check_interval == cfg.validation.every_n_steps
+    if strategy == "auto":
+        assert isinstance(trainer.strategy, SingleDeviceStrategy)
+    else:
+        assert isinstance(trainer.strategy, DDPStrategy) and strategy.startswith("ddp")
+        if "find_unused_parameters_true" in strategy:
+            assert trainer.strategy._ddp_kwargs.get("find_unused_parameters") is True
+
+
+@pytest.mark.parametrize("loss", GROUPS["loss"])
+def test_max_steps_counts_optimizer_steps_per_batch(loss, make_config):
+    cfg = make_config(f"loss={loss}", "steps=7")
+    assert build_trainer(cfg, [], []).max_steps == 7 * (1 if loss == "mse" else 2)
+
+
+def test_several_devices_get_ddp_with_unused_parameters(make_config):
+    cfg = make_config("trainer.devices=2", "trainer.accelerator=cpu")
+    strategy = build_trainer(cfg, [], []).strategy
+    assert isinstance(strategy, DDPStrategy)
+    assert strategy._ddp_kwargs.get("find_unused_parameters") is True
+
+
+def _module_combinations() -> list[dict[str, str]]:
+    """Few choice combinations that together use every file of every module group once or more."""
+    names = {
+        group: [name for name in GROUPS[group] if not (group == "model" and name in HUB_MODELS)]
+        for group in MODULE_GROUPS
+    }
+    count = max(len(choices) for choices in names.values())
+    return [{group: choices[i % len(choices)] for group, choices in names.items()} for i in range(count)]
+
+
+MODULE_COMBINATIONS = _module_combinations()
+
+
+def test_module_combinations_cover_every_file():
+    for group in MODULE_GROUPS:
+        used = {combination[group] for combination in MODULE_COMBINATIONS}
+        expected = set(GROUPS[group]) - (set(HUB_MODELS) if group == "model" else set())
+        assert used == expected, group
+    assert len(MODULE_COMBINATIONS) <= 8, "keep the module instantiations few (each takes ~1-2 s)"
+
+
+@pytest.mark.parametrize(
+    "choices", MODULE_COMBINATIONS, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in MODULE_COMBINATIONS]
+)
+def test_module_groups_instantiate(choices, tiny_sdxl_path, make_config):
+    cfg = make_config(*(f"{group}={name}" for group, name in choices.items()), f"model.path={tiny_sdxl_path}")
+    validate_config(cfg)
+    module = hydra.utils.instantiate(cfg.module)
+    assert module.hparams.model_path == tiny_sdxl_path
+
+    # stage: the student jumps teacher_steps // student_steps teacher steps at once.
+    assert module.grid.substeps == cfg.stage.teacher_steps // cfg.stage.student_steps
+    assert (module.hparams.teacher_steps, module.hparams.student_steps) == (
+        cfg.stage.teacher_steps, cfg.stage.student_steps
+    )
+    assert module.hparams.guidance_scale == cfg.stage.guidance_scale
+
+    # loss: a discriminator only for the adversarial losses, conditional only for cond_adv.
+    if cfg.loss.name == "mse":
+        assert module.discriminator is None and not module.adversarial
+    else:
+        assert module.adversarial
+        assert module.discriminator.conditional == (cfg.loss.name == "cond_adv")
+        # discriminator: the head depth of the file.
+        assert module.discriminator.head.num_blocks == cfg.discriminator.head_blocks
+        assert all(p.requires_grad for p in module.discriminator.parameters())
+
+    # prediction: the file's type, or the teacher's (the tiny scheduler predicts epsilon).
+    assert module.teacher_prediction.name == "epsilon"
+    assert module.student_prediction.name == (cfg.prediction.type or "epsilon")
+
+    # student: LoRA trains only its adapters over a shared frozen base; full trains the whole UNet.
+    trainable = [name for name, p in module.pair.unet.named_parameters() if p.requires_grad]
+    assert trainable
+    if cfg.student.type == "lora":
+        assert all("lora_" in name for name in trainable)
+        assert module.pair.teacher_unet is None
+        assert module.hparams.lora_rank == cfg.student.lora_rank
+    else:
+        assert len(trainable) == len(list(module.pair.unet.parameters()))
+        assert not any(p.requires_grad for p in module.pair.teacher_unet.parameters())
+    assert not any(p.requires_grad for p in module.vae.parameters())
+
+    # model: frozen parts in the configured dtype.
+    assert module.vae.dtype == getattr(torch, cfg.model.frozen_dtype)
+
+    # optim: one optimizer per model, lr from the student group, betas from the loss group.
+    optimizers, schedulers = module.configure_optimizers()
+    assert len(optimizers) == len(schedulers) == module.optimizers_per_batch
+    for optimizer, entry in zip(optimizers, (cfg.optim.generator, cfg.optim.discriminator)):
+        assert type(optimizer) is _target_class(entry._target_)
+        assert optimizer.defaults["lr"] == cfg.student.lr
+        assert tuple(optimizer.defaults["betas"]) == tuple(cfg.loss.adam_betas)
+    assert sum(p.numel() for group in optimizers[0].param_groups for p in group["params"]) == sum(
+        p.numel() for p in module.pair.trainable_parameters()
+    )
+
+
+def test_tiny_unet_levels_match_the_validation_constant(tiny_sdxl_path):
+    config = OmegaConf.load(Path(tiny_sdxl_path) / "unet" / "config.json")
+    assert len(config.block_out_channels) - 1 == TINY_UNET_LEVELS
+
+
+@pytest.mark.parametrize("name", HUB_MODELS)
+def test_hub_models_compose_and_validate_without_network(name, make_config):
+    cfg = make_config(f"model={name}")
+    assert not Path(cfg.model.path).exists(), "the default is a hub id, not a local folder"
+    # With the settings it needs (mixed precision, no toy preset) the hub id passes validation:
+    # downloads happen in load_sdxl, and validation does not pretend a local folder exists.
+    cfg = make_config(f"model={name}", "~experiment", "trainer.precision=bf16-mixed")
+    validate_config(cfg)
+    check_pipeline_folder(cfg.model.path)
+    with pytest.raises(FileNotFoundError, match=r"model\.path=/nonexistent/sdxl does not exist"):
+        check_pipeline_folder("/nonexistent/sdxl")
+
+
+def test_incomplete_local_folder_is_refused(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"model\.path=.* is not a complete diffusers SDXL folder"):
+        check_pipeline_folder(str(tmp_path))
+
+
+# ---- 2. a config that cannot work fails before any model loads ---------------------------------
+
+BAD_CONFIGS = [
+    (["stage.teacher_steps=8", "stage.student_steps=3"], ConfigError, "stage.teacher_steps=8"),
+    (["stage.student_steps=0"], ConfigError, "stage.student_steps=0"),
+    (["student.lora_rank=0"], ConfigError, "student.lora_rank=0"),
+    (["student.type=half"], ConfigError, "student.type=half"),
+    (["prediction.type=x0"], ConfigError, "prediction.type=x0"),
+    (["steps=0"], ConfigError, "steps=0"),
+    (["model=sdxl", "~experiment", "model.frozen_dtype=float32", "model.path=/nonexistent/sdxl"],
+     FileNotFoundError, "model.path=/nonexistent/sdxl"),
+    (["data=folder", "data.root=/nonexistent"], FileNotFoundError, "data.root=/nonexistent"),
+    (["data=folder"], ConfigError, "data.root"),
+    (["trainer.max_steps=10"], ConfigError, "trainer.max_steps=10"),
+    (["validation.every_n_steps=0"], ConfigError, "validation.every_n_steps"),
+    (["data.resolution=60"], ConfigError, "data.resolution=60"),
+    (["model.frozen_dtype=bfloat16"], ConfigError, "model.frozen_dtype=bfloat16"),
+    (["model.frozen_dtype=float64"], ConfigError, "model.frozen_dtype=float64"),
+    (["experiment=toy", "model=sdxl", "model.path={tiny}", "trainer.precision=bf16-mixed"],
+     ConfigError, "experiment=toy"),
+    (["discriminator.head_blocks=6"], ConfigError, "discriminator.head_blocks=6"),
+    (["discriminator.head_blocks=6", "model.path={tiny}"], ConfigError, "discriminator.head_blocks=6"),
+    (["discriminator.head_blocks=-1"], ConfigError, "discriminator.head_blocks"),
+    (["loss.renoise_weights=[1,1]"], ConfigError, "loss.renoise_weights"),
+    (["loss.renoise_weights=[0,0,0,0]"], ConfigError, "loss.renoise_weights"),
+    (["loss.renoise_weights=[-1,1,1,1]"], ConfigError, "loss.renoise_weights"),
+]
+
+
+def _model_loaded(*args, **kwargs):
+    raise AssertionError("model loaded")
+
+
+@pytest.fixture
+def no_model_loads(tiny_sdxl_path, monkeypatch):
+    """Loading or building any model fails the test (the tiny folder is built beforehand)."""
+    monkeypatch.setattr("lightning_sdxl.module.load_sdxl", _model_loaded)
+    monkeypatch.setattr("lightning_sdxl.models.tiny.ensure_tiny_sdxl", _model_loaded)
+    monkeypatch.setattr("lightning_sdxl.train.ensure_tiny_sdxl", _model_loaded)
+    return tiny_sdxl_path
+
+
+def test_a_valid_config_reaches_the_model(no_model_loads, make_config):
+    """The control: past validation, train() does build the model (so the patches take effect)."""
+    with pytest.raises(AssertionError, match="model loaded"):
+        train(make_config())
+
+
+@pytest.mark.parametrize(("overrides", "error", "key"), BAD_CONFIGS, ids=[" ".join(o) for o, _, _ in BAD_CONFIGS])
+def test_bad_config_fails_before_any_model_loads(overrides, error, key, no_model_loads, make_config):
+    cfg = make_config(*(override.format(tiny=no_model_loads) for override in overrides))
+    with pytest.raises(error) as raised:
+        train(cfg)
+    message = str(raised.value)
+    assert key in message, message
+    assert "\n" not in message.strip(), f"the message must be one line: {message!r}"
+
+
+# ---- 3. an unknown choice lists the available ones ---------------------------------------------
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_unknown_choice_lists_the_options(group):
+    with pytest.raises(ConfigCompositionException) as raised:
+        compose_config([f"{group}=foo"])
+    message = str(raised.value)
+    assert f"Could not find '{group}/foo'" in message
+    for name in GROUPS[group]:
+        assert name in message
+    if group == "loss":
+        assert "mse" in message and "cond_adv" in message
+
+
+# ---- 4. the command line -----------------------------------------------------------------------
+
+
+def _run_cli(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LIGHTNING_SDXL_HOME": str(tmp_path / "home")}
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    return result, time.monotonic() - start
+
+
+def test_cli_config_error_is_one_line_and_fast(tmp_path):
+    result, seconds = _run_cli(tmp_path, "student.lora_rank=0")
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Config error:")]
+    assert len(errors) == 1, result.stderr
+    assert "student.lora_rank" in errors[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "home").exists(), "no model may be built before the config is checked"
+    assert seconds < 30
+
+
+def test_cli_unknown_choice_names_the_options(tmp_path):
+    result, _ = _run_cli(tmp_path, "loss=foo")
+    assert result.returncode != 0
+    assert "Could not find 'loss/foo'" in result.stderr
+    for name in GROUPS["loss"]:
+        assert name in result.stderr

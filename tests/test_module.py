@@ -1,0 +1,119 @@
+"""One training batch of the LightningModule: what each phase may and may not change."""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+import pytest
+import torch
+from omegaconf import open_dict
+
+from lightning_sdxl.data import ToyWorldDataModule
+from lightning_sdxl.diffusion.schedule import CLEAN
+
+
+def build_module(make_config, tiny_sdxl_path, *overrides):
+    cfg = make_config(*overrides)
+    with open_dict(cfg):
+        cfg.model.path = tiny_sdxl_path
+    return hydra.utils.instantiate(cfg.module), cfg
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def changed(before: dict, module: torch.nn.Module) -> set[str]:
+    return {name for name, tensor in module.state_dict().items() if not torch.equal(before[name], tensor)}
+
+
+def run_one_batch(module, cfg) -> None:
+    """Fit exactly one batch through a real Trainer (manual optimization, toggling, clipping)."""
+    data = ToyWorldDataModule(resolution=cfg.data.resolution, batch_size=2, num_val_prompts=2)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=module.optimizers_per_batch, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+
+
+@pytest.mark.parametrize("loss,student", [("cond_adv", "lora"), ("uncond_adv", "full"), ("mse", "lora")])
+def test_each_phase_changes_only_its_own_weights(make_config, tiny_sdxl_path, loss, student):
+    module, cfg = build_module(make_config, tiny_sdxl_path, f"loss={loss}", f"student={student}", "student.lr=1e-3")
+    before = snapshot(module)
+    teacher_keys = {k for k in before if k.startswith("pair.teacher_unet.")} | {
+        k for k in before if k.startswith("pair.unet.") and "lora_" not in k and student == "lora"
+    }
+    frozen_keys = {k for k in before if k.startswith(("vae.", "text_encoder."))} | teacher_keys
+    student_keys = {name for name, p in module.named_parameters() if p.requires_grad and name.startswith("pair.")}
+    discriminator_keys = {k for k in before if k.startswith("discriminator.")}
+
+    run_one_batch(module, cfg)
+    moved = changed(before, module)
+
+    assert not moved & frozen_keys, "the teacher, VAE or text encoders changed"
+    assert moved & student_keys, "the student did not train"
+    assert moved <= student_keys | discriminator_keys
+    if loss == "mse":
+        assert module.discriminator is None and not discriminator_keys
+    else:
+        assert moved & discriminator_keys, "the discriminator did not train"
+
+
+def test_generator_and_discriminator_steps_are_separate(make_config, tiny_sdxl_path):
+    """Within one batch the generator step moves no discriminator weight and vice versa."""
+    module, cfg = build_module(make_config, tiny_sdxl_path, "loss=cond_adv", "student.lr=1e-3")
+    seen = []
+
+    class Spy(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append((optimizer, snapshot(pl_module)))
+
+    data = ToyWorldDataModule(resolution=cfg.data.resolution, batch_size=2, num_val_prompts=2)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, callbacks=[Spy()],
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    (_, after_generator_backward), (_, after_generator_step) = seen[0], seen[1]
+    moved_by_generator = {k for k in after_generator_step if not torch.equal(after_generator_step[k], after_generator_backward[k])}
+    assert moved_by_generator and all(".lora_" in k for k in moved_by_generator), moved_by_generator
+    final = snapshot(module)
+    moved_by_discriminator = {k for k in final if not torch.equal(final[k], after_generator_step[k])}
+    assert moved_by_discriminator and all(k.startswith("discriminator.") for k in moved_by_discriminator)
+
+
+def test_teacher_output_is_unchanged_by_training(make_config, tiny_sdxl_path):
+    module, cfg = build_module(make_config, tiny_sdxl_path, "student.lr=1e-2")
+    seeds = torch.tensor([0, 1])
+    teacher_before = module.generate(["a red circle", "a blue square"], seeds, "teacher", 2)
+    student_before = module.generate(["a red circle", "a blue square"], seeds, "student", 2)
+    assert torch.equal(teacher_before, student_before), "a fresh LoRA student must equal its teacher"
+    run_one_batch(module, cfg)
+    assert torch.equal(module.generate(["a red circle", "a blue square"], seeds, "teacher", 2), teacher_before)
+    assert not torch.allclose(module.generate(["a red circle", "a blue square"], seeds, "student", 2), student_before)
+
+
+def test_renoising_applies_only_where_the_jump_ends_clean(make_config, tiny_sdxl_path):
+    module, _ = build_module(make_config, tiny_sdxl_path, "stage=2to1", "loss=uncond_adv")
+    x_real, x_fake = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t_next = torch.tensor([CLEAN, 249, CLEAN, 499])
+    real, fake, t_judge = module.renoiser(module.schedule, x_real, x_fake, t_next, t_next == CLEAN)
+    assert torch.equal(real[1], x_real[1]) and torch.equal(fake[3], x_fake[3])
+    assert set(t_judge[[0, 2]].tolist()) <= {10, 250, 500, 750} and t_judge[1] == 249
+    # Same noise for real and fake: their difference shrinks by exactly sqrt(a_t*).
+    a = module.schedule.alpha(t_judge[[0, 2]])
+    assert torch.allclose(real[[0, 2]] - fake[[0, 2]], a.sqrt() * (x_real - x_fake)[[0, 2]], atol=1e-5)
+
+
+def test_checkpoint_holds_trainable_weights_only(make_config, tiny_sdxl_path):
+    module, _ = build_module(make_config, tiny_sdxl_path)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    keys = set(checkpoint["state_dict"])
+    assert keys == module.trainable_state_keys()
+    assert any(".lora_A." in k for k in keys) and any(k.startswith("discriminator.") for k in keys)
+    assert not any(k.startswith(("vae.", "text_encoder.")) for k in keys)
+    checkpoint["state_dict"].pop(next(iter(sorted(keys))))
+    with pytest.raises(KeyError, match="lacks 1 trainable"):
+        module.on_load_checkpoint(checkpoint)

@@ -1,0 +1,85 @@
+"""End-to-end runs through train(cfg): each loss, resume, and the CLI under DDP and multirun."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_sdxl.train import train
+
+from conftest import CPU_OVERRIDES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("loss", ["mse", "cond_adv", "uncond_adv"])
+def test_short_run_of_each_loss(make_config, loss):
+    cfg = make_config(f"loss={loss}")
+    trainer = train(cfg)
+    run_dir = Path(cfg.output_dir)
+    assert trainer.global_step == cfg.steps * (1 if loss == "mse" else 2)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == trainer.global_step
+    assert (run_dir / "samples" / f"step_{cfg.steps:06d}.png").exists()
+    columns = set().union(*(row.keys() for row in read_metrics(run_dir)))
+    assert {"loss/generator", "lr/generator", "val/latent_mse_to_teacher"} <= columns
+    if loss != "mse":
+        assert {"loss/discriminator", "discriminator/accuracy_real", "discriminator/logits_fake"} <= columns
+
+
+def test_resume_from_last_checkpoint_continues_the_run(make_config):
+    cfg = make_config("steps=2")
+    first = train(cfg)
+    saved = torch.load(Path(cfg.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+
+    restored = {}
+
+    class AtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            restored["global_step"] = trainer.global_step
+            restored["state"] = {k: v.clone() for k, v in pl_module.state_dict().items() if k in saved["state_dict"]}
+
+    second = train(make_config("steps=4", "ckpt_path=last"), extra_callbacks=[AtStart()])
+    assert restored["global_step"] == first.global_step == 4
+    assert all(torch.equal(restored["state"][k], saved["state_dict"][k]) for k in saved["state_dict"])
+    assert second.global_step == 8
+
+
+def run_cli(args: list[str], flags: list[str] = (), timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "train.py", *flags, *CPU_OVERRIDES, *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_cli_ddp_two_cpu_processes(tmp_path):
+    """python train.py stage=2to1 loss=uncond_adv trainer.devices=2 trainer.accelerator=cpu"""
+    result = run_cli(
+        ["stage=2to1", "loss=uncond_adv", "trainer.devices=2", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path}"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed_backend=gloo" in result.stderr + result.stdout
+    assert "All distributed processes registered" in result.stderr + result.stdout
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4
+
+
+def test_cli_multirun_over_losses(tmp_path):
+    result = run_cli(["loss=mse,cond_adv,uncond_adv", f"hydra.sweep.dir={tmp_path}"], flags=["-m"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(path.parent.parent.name for path in tmp_path.glob("*/checkpoints/last.ckpt"))
+    assert len(runs) == 3, runs
+    assert {run.split("_", 2)[2].rsplit("_", 1)[0] for run in runs} == {"mse", "cond_adv", "uncond_adv"}
