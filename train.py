@@ -13,7 +13,7 @@ from lightning_sdxl.train import train
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except ConfigError as error:
+    except ConfigError as error:  # includes missing weights folders and data roots
         print(f"Config error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -10,14 +10,17 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_sdxl.diffusion.prediction import PREDICTIONS
 from lightning_sdxl.models.discriminator import DiscriminatorHead
 from lightning_sdxl.models.loading import check_pipeline_folder
+from lightning_sdxl.models.tiny import TINY_BLOCK_OUT_CHANNELS
 
 VALID_DTYPES = ("float32", "bfloat16", "float16")
-# lightning_sdxl/models/tiny.py: block_out_channels=(32, 64), one stride-2 level (tests/test_configs.py checks).
-TINY_UNET_LEVELS = 1
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message says what to change."""
+
+
+class MissingPathError(ConfigError, FileNotFoundError):
+    """A configured path (weights folder, data root) that does not exist."""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -80,33 +83,39 @@ def validate_config(cfg: DictConfig) -> None:
     )
     _check_data_root(cfg.data)
     if cfg.model.path is not None:
-        check_pipeline_folder(str(cfg.model.path))
+        try:
+            check_pipeline_folder(str(cfg.model.path))
+        except FileNotFoundError as error:
+            raise MissingPathError(str(error)) from error
     if loss.name != "mse":
         _check_discriminator_fits(cfg)
 
 
 def _check_data_root(data: DictConfig) -> None:
-    """A folder datamodule's `root` must be set and exist (it is indexed only after the model builds)."""
+    """A folder datamodule's `root` must be set and exist (train() indexes it after the model builds)."""
     if OmegaConf.is_missing(data, "root"):
-        raise ConfigError("data.root is not set: add data.root=/path/to/images (images with sidecar .txt captions).")
+        raise ConfigError(
+            "data.root is not set: add data.root=/path/to/images (images with sidecar .txt captions)."
+        )
     root = data.get("root")
     if root is not None and not Path(str(root)).is_dir():
-        raise FileNotFoundError(
-            f"data.root={root} is not a folder: point data.root at a folder of images with sidecar .txt captions."
+        raise MissingPathError(
+            f"data.root={root} is not a folder: point data.root at a folder of images with sidecar "
+            ".txt captions."
         )
 
 
 def _unet_levels(cfg: DictConfig) -> int | None:
-    """The UNet's stride-2 levels, from a local folder's unet config, or the tiny model's before it is built."""
+    """The UNet's stride-2 levels: a local folder's unet config, else the tiny model's, else None."""
     path = cfg.model.path
     unet_config = Path(str(path)) / "unet" / "config.json" if path is not None else None
     if unet_config is not None and unet_config.exists():
         return len(json.loads(unet_config.read_text())["block_out_channels"]) - 1
-    return TINY_UNET_LEVELS if cfg.model.name == "tiny" else None
+    return len(TINY_BLOCK_OUT_CHANNELS) - 1 if cfg.model.name == "tiny" else None
 
 
 def _check_discriminator_fits(cfg: DictConfig) -> None:
-    """The head's stride-2 blocks need features of at least 2^blocks pixels (local or tiny UNets only)."""
+    """The head's stride-2 blocks need features of at least 2^blocks pixels (local or tiny UNets)."""
     levels = _unet_levels(cfg)
     if levels is None:
         return

@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LIGHTNING_SDXL_HOME", tempfile.mkdtemp(prefix="lightning_sdxl_tests_"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -20,10 +20,10 @@ from conftest import CONF_DIR, CPU_OVERRIDES, compose_config
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
-from lightning_sdxl.config_checks import TINY_UNET_LEVELS, ConfigError, validate_config
+from lightning_sdxl.config_checks import ConfigError, validate_config
 from lightning_sdxl.models.loading import check_pipeline_folder
 from lightning_sdxl.train import build_trainer, instantiate_callbacks, instantiate_loggers, train
 
@@ -70,11 +70,15 @@ def _required_overrides(group: str, name: str, tiny: str, root: str) -> list[str
     return []
 
 
-def _choices(overrides: list[str]) -> dict:
-    """Hydra's resolved group choices for `python train.py <CPU overrides> <overrides>`."""
+def _compose_with_choices(overrides: list[str], output_dir: Path) -> tuple[DictConfig, dict]:
+    """compose_config(overrides) and Hydra's resolved group choices, from one composition."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=CPU_OVERRIDES + overrides, return_hydra_config=True)
-    return OmegaConf.to_container(cfg.hydra.runtime.choices)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.output_dir = str(output_dir)
+    return cfg, choices
 
 
 def _target_class(target: str) -> type:
@@ -93,14 +97,17 @@ def test_every_group_is_handled():
 @pytest.mark.parametrize(("group", "name"), ALL_FILES, ids=FILE_IDS)
 def test_every_file_composes(group, name, tiny_sdxl_path, image_root, tmp_path):
     overrides = [f"{group}={name}", *_required_overrides(group, name, tiny_sdxl_path, image_root)]
-    cfg = compose_config(overrides, tmp_path / "run")
-    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation resolves
+    cfg, choices = _compose_with_choices(overrides, tmp_path / "run")
+    assert choices[group] == name
+    # Every interpolation resolves (only values left for the command line may stay `???`).
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert container["module"]["_target_"] == "lightning_sdxl.module.DistillationModule"
-    assert _choices(overrides)[group] == name
     raw = OmegaConf.load(CONF / group / f"{name}.yaml")
     if group != "experiment":  # experiments are `@package _global_`
         own_keys = set(raw) - {"defaults"}
-        assert own_keys <= set(cfg[group]), f"{group}={name}: keys {own_keys - set(cfg[group])} were lost"
+        assert own_keys <= set(cfg[group]), (
+            f"{group}={name}: keys {own_keys - set(cfg[group])} were lost"
+        )
         if not raw and "defaults" not in raw:
             assert not cfg[group], f"{group}={name} is empty and must compose to an empty group"
 
@@ -108,7 +115,10 @@ def test_every_file_composes(group, name, tiny_sdxl_path, image_root, tmp_path):
 @pytest.mark.parametrize(("group", "name"), _files("experiment"), ids=_ids(_files("experiment")))
 def test_experiment_presets_validate_as_given(group, name, tiny_sdxl_path, image_root, tmp_path):
     """`python train.py experiment=X [its required paths]`, unshrunk, is a valid config."""
-    overrides = [f"experiment={name}", *_required_overrides(group, name, tiny_sdxl_path, image_root)]
+    overrides = [
+        f"experiment={name}",
+        *_required_overrides(group, name, tiny_sdxl_path, image_root),
+    ]
     cfg = compose_config(overrides, tmp_path / "run", shrink=False)
     validate_config(cfg)
     raw = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
@@ -118,18 +128,27 @@ def test_experiment_presets_validate_as_given(group, name, tiny_sdxl_path, image
 
 
 def test_experiment_sdxl_selects_the_real_setup(tiny_sdxl_path, image_root, tmp_path):
-    cfg = compose_config([f"model.path={tiny_sdxl_path}", f"data.root={image_root}", "experiment=sdxl"],
-                         tmp_path / "run", shrink=False)
+    cfg = compose_config(
+        [f"model.path={tiny_sdxl_path}", f"data.root={image_root}", "experiment=sdxl"],
+        tmp_path / "run",
+        shrink=False,
+    )
     assert (cfg.model.name, cfg.data._target_, cfg.trainer.strategy) == (
-        "sdxl", "lightning_sdxl.data.FolderDataModule", "ddp_find_unused_parameters_true"
+        "sdxl",
+        "lightning_sdxl.data.FolderDataModule",
+        "ddp_find_unused_parameters_true",
     )
     assert cfg.model.frozen_dtype == "bfloat16" and "mixed" in cfg.trainer.precision
 
 
 @pytest.mark.parametrize(("group", "name"), _files("data"), ids=_ids(_files("data")))
 def test_data_files_instantiate(group, name, image_root, make_config):
-    cfg = make_config(f"data={name}", *_required_overrides(group, name, "", image_root),
-                      "data.batch_size=1", "data.num_workers=0")
+    cfg = make_config(
+        f"data={name}",
+        *_required_overrides(group, name, "", image_root),
+        "data.batch_size=1",
+        "data.num_workers=0",
+    )
     datamodule = hydra.utils.instantiate(cfg.data)
     assert isinstance(datamodule, L.LightningDataModule)
     assert isinstance(datamodule, _target_class(cfg.data._target_))
@@ -170,8 +189,12 @@ def test_trainer_files_build(group, name, make_config):
     cfg = make_config(f"trainer={name}")
     strategy = cfg.trainer.strategy
     if cfg.trainer.accelerator not in ("cpu", "auto"):  # gpu, ddp: the same file, built on the CPU
-        cfg = make_config(f"trainer={name}", "trainer.accelerator=cpu", "trainer.devices=1",
-                          "trainer.precision=32-true")
+        cfg = make_config(
+            f"trainer={name}",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            "trainer.precision=32-true",
+        )
         assert cfg.trainer.strategy == strategy, "the CPU overrides must keep the file's strategy"
     validate_config(cfg)
     trainer = build_trainer(cfg, [], [])
@@ -205,7 +228,9 @@ def _module_combinations() -> list[dict[str, str]]:
         for group in MODULE_GROUPS
     }
     count = max(len(choices) for choices in names.values())
-    return [{group: choices[i % len(choices)] for group, choices in names.items()} for i in range(count)]
+    return [
+        {group: choices[i % len(choices)] for group, choices in names.items()} for i in range(count)
+    ]
 
 
 MODULE_COMBINATIONS = _module_combinations()
@@ -220,10 +245,14 @@ def test_module_combinations_cover_every_file():
 
 
 @pytest.mark.parametrize(
-    "choices", MODULE_COMBINATIONS, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in MODULE_COMBINATIONS]
+    "choices",
+    MODULE_COMBINATIONS,
+    ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in MODULE_COMBINATIONS],
 )
 def test_module_groups_instantiate(choices, tiny_sdxl_path, make_config):
-    cfg = make_config(*(f"{group}={name}" for group, name in choices.items()), f"model.path={tiny_sdxl_path}")
+    cfg = make_config(
+        *(f"{group}={name}" for group, name in choices.items()), f"model.path={tiny_sdxl_path}"
+    )
     validate_config(cfg)
     module = hydra.utils.instantiate(cfg.module)
     assert module.hparams.model_path == tiny_sdxl_path
@@ -231,7 +260,8 @@ def test_module_groups_instantiate(choices, tiny_sdxl_path, make_config):
     # stage: the student jumps teacher_steps // student_steps teacher steps at once.
     assert module.grid.substeps == cfg.stage.teacher_steps // cfg.stage.student_steps
     assert (module.hparams.teacher_steps, module.hparams.student_steps) == (
-        cfg.stage.teacher_steps, cfg.stage.student_steps
+        cfg.stage.teacher_steps,
+        cfg.stage.student_steps,
     )
     assert module.hparams.guidance_scale == cfg.stage.guidance_scale
 
@@ -276,11 +306,6 @@ def test_module_groups_instantiate(choices, tiny_sdxl_path, make_config):
     )
 
 
-def test_tiny_unet_levels_match_the_validation_constant(tiny_sdxl_path):
-    config = OmegaConf.load(Path(tiny_sdxl_path) / "unet" / "config.json")
-    assert len(config.block_out_channels) - 1 == TINY_UNET_LEVELS
-
-
 @pytest.mark.parametrize("name", HUB_MODELS)
 def test_hub_models_compose_and_validate_without_network(name, make_config):
     cfg = make_config(f"model={name}")
@@ -296,7 +321,9 @@ def test_hub_models_compose_and_validate_without_network(name, make_config):
 
 def test_incomplete_local_folder_is_refused(tmp_path):
     (tmp_path / "unet").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"model\.path=.* is not a complete diffusers SDXL folder"):
+    with pytest.raises(
+        FileNotFoundError, match=r"model\.path=.* is not a complete diffusers SDXL folder"
+    ):
         check_pipeline_folder(str(tmp_path))
 
 
@@ -309,8 +336,11 @@ BAD_CONFIGS = [
     (["student.type=half"], ConfigError, "student.type=half"),
     (["prediction.type=x0"], ConfigError, "prediction.type=x0"),
     (["steps=0"], ConfigError, "steps=0"),
-    (["model=sdxl", "~experiment", "model.frozen_dtype=float32", "model.path=/nonexistent/sdxl"],
-     FileNotFoundError, "model.path=/nonexistent/sdxl"),
+    (
+        ["model=sdxl", "~experiment", "model.frozen_dtype=float32", "model.path=/nonexistent/sdxl"],
+        FileNotFoundError,
+        "model.path=/nonexistent/sdxl",
+    ),
     (["data=folder", "data.root=/nonexistent"], FileNotFoundError, "data.root=/nonexistent"),
     (["data=folder"], ConfigError, "data.root"),
     (["trainer.max_steps=10"], ConfigError, "trainer.max_steps=10"),
@@ -318,10 +348,17 @@ BAD_CONFIGS = [
     (["data.resolution=60"], ConfigError, "data.resolution=60"),
     (["model.frozen_dtype=bfloat16"], ConfigError, "model.frozen_dtype=bfloat16"),
     (["model.frozen_dtype=float64"], ConfigError, "model.frozen_dtype=float64"),
-    (["experiment=toy", "model=sdxl", "model.path={tiny}", "trainer.precision=bf16-mixed"],
-     ConfigError, "experiment=toy"),
+    (
+        ["experiment=toy", "model=sdxl", "model.path={tiny}", "trainer.precision=bf16-mixed"],
+        ConfigError,
+        "experiment=toy",
+    ),
     (["discriminator.head_blocks=6"], ConfigError, "discriminator.head_blocks=6"),
-    (["discriminator.head_blocks=6", "model.path={tiny}"], ConfigError, "discriminator.head_blocks=6"),
+    (
+        ["discriminator.head_blocks=6", "model.path={tiny}"],
+        ConfigError,
+        "discriminator.head_blocks=6",
+    ),
     (["discriminator.head_blocks=-1"], ConfigError, "discriminator.head_blocks"),
     (["loss.renoise_weights=[1,1]"], ConfigError, "loss.renoise_weights"),
     (["loss.renoise_weights=[0,0,0,0]"], ConfigError, "loss.renoise_weights"),
@@ -348,8 +385,12 @@ def test_a_valid_config_reaches_the_model(no_model_loads, make_config):
         train(make_config())
 
 
-@pytest.mark.parametrize(("overrides", "error", "key"), BAD_CONFIGS, ids=[" ".join(o) for o, _, _ in BAD_CONFIGS])
-def test_bad_config_fails_before_any_model_loads(overrides, error, key, no_model_loads, make_config):
+@pytest.mark.parametrize(
+    ("overrides", "error", "key"), BAD_CONFIGS, ids=[" ".join(o) for o, _, _ in BAD_CONFIGS]
+)
+def test_bad_config_fails_before_any_model_loads(
+    overrides, error, key, no_model_loads, make_config
+):
     cfg = make_config(*(override.format(tiny=no_model_loads) for override in overrides))
     with pytest.raises(error) as raised:
         train(cfg)
@@ -377,11 +418,17 @@ def test_unknown_choice_lists_the_options(group):
 
 
 def _run_cli(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
+    """`python train.py <overrides>` from the repo root, offline, with its own model cache."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LIGHTNING_SDXL_HOME": str(tmp_path / "home")}
     start = time.monotonic()
     result = subprocess.run(
         [sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     return result, time.monotonic() - start
 
@@ -391,10 +438,10 @@ def test_cli_config_error_is_one_line_and_fast(tmp_path):
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Config error:")]
     assert len(errors) == 1, result.stderr
-    assert "student.lora_rank" in errors[0]
+    assert "student.lora_rank=0" in errors[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "home").exists(), "no model may be built before the config is checked"
-    assert seconds < 30
+    assert seconds < 30  # importing torch and Lightning, then the check: no model loads
 
 
 def test_cli_unknown_choice_names_the_options(tmp_path):

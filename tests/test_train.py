@@ -11,10 +11,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import CPU_OVERRIDES
 
 from lightning_sdxl.train import train
-
-from conftest import CPU_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +60,7 @@ def run_cli(args: list[str], flags: list[str] = (), timeout: int = 300) -> subpr
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "train.py", *flags, *CPU_OVERRIDES, *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
     )
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 
@@ -63,7 +64,7 @@ def solve(
     path = path.to(x_t.device)
     if path.ndim == 1:
         path = path.view(-1, 1).expand(-1, batch)
-    for t, t_next in zip(path[:-1], path[1:]):
+    for t, t_next in pairwise(path):
         u = guided_output(model_fn, x_t, t, condition, uncondition, guidance_scale)
         x_t = move(schedule, prediction, x_t, u, t, t_next)
     return x_t

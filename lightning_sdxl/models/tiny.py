@@ -20,10 +20,15 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from lightning_sdxl.models.tokenizers import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, offline_clip_tokenizer
+from lightning_sdxl.models.tokenizers import (
+    CLIP_MAX_LENGTH,
+    CLIP_VOCAB_SIZE,
+    offline_clip_tokenizer,
+)
 
 # Bump when the architecture below changes, so cached folders of an older build are not reused.
 TINY_SDXL_VERSION = 1
+TINY_BLOCK_OUT_CHANNELS = (32, 64)  # UNet levels; the discriminator sees R/8/2 latent pixels
 TEXT_WIDTH = 32  # each text encoder; cross_attention_dim = 2 x 32
 ADDITION_TIME_EMBED_DIM = 8  # projection_class_embeddings_input_dim = 32 + 6 x 8 = 80
 
@@ -69,7 +74,7 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
             sample_size=16,
             in_channels=4,
             out_channels=4,
-            block_out_channels=(32, 64),
+            block_out_channels=TINY_BLOCK_OUT_CHANNELS,
             layers_per_block=2,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -92,6 +97,9 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
             latent_channels=4,
             norm_num_groups=32,
             sample_size=128,
+            # SD's rule, scaling_factor = 1 / std(latents): this random VAE's posterior samples on
+            # toy images have std 1.04 (measured on 32 images), so 1.0 keeps latents at unit scale.
+            scaling_factor=1.0,
             force_upcast=False,
         )
         text_encoder = CLIPTextModel(_text_config(projection=False))
