@@ -117,3 +117,22 @@ def test_checkpoint_holds_trainable_weights_only(make_config, tiny_sdxl_path):
     checkpoint["state_dict"].pop(next(iter(sorted(keys))))
     with pytest.raises(KeyError, match="lacks 1 trainable"):
         module.on_load_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("loss,student", [("cond_adv", "lora"), ("uncond_adv", "full")])
+def test_every_trainable_weight_gets_optimizer_state_and_moves(make_config, tiny_sdxl_path, loss, student):
+    """FIELD-NOTES pitfall: a submodule can silently never train; check every single weight."""
+    module, cfg = build_module(make_config, tiny_sdxl_path, f"loss={loss}", f"student={student}", "student.lr=1e-3")
+    trainable = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    data = ToyWorldDataModule(resolution=cfg.data.resolution, batch_size=2, num_val_prompts=2)
+    # Two batches: LoRA's A only receives gradient once B has left zero.
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2 * module.optimizers_per_batch, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    parameters = dict(module.named_parameters())
+    with_state = {id(p) for optimizer in trainer.optimizers for p in optimizer.state}
+    assert {name for name in trainable if id(parameters[name]) not in with_state} == set()
+    frozen_still = {name for name, before in trainable.items() if torch.equal(before, parameters[name])}
+    assert frozen_still == set()

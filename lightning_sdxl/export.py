@@ -1,0 +1,220 @@
+"""Exports: a trained student as the files other tools load (METHOD.md 5).
+
+An export folder holds
+    unet/                   the student UNet, LoRA merged in (diffusers folder, safetensors)
+    scheduler/              EulerDiscreteScheduler, timestep_spacing="trailing", the student's prediction type
+    lora.safetensors        LoRA students: diffusers format (`pipe.load_lora_weights`), with adapter metadata
+    lora_kohya.safetensors  LoRA students: kohya names (`lora_unet_*`, `lora_down`/`lora_up`, `.alpha`)
+    export_info.json        base model, steps, prediction type, stage, loss, files
+
+so that `StableDiffusionXLPipeline.from_pretrained(base, unet=UNet2DConditionModel.from_pretrained(
+out / "unet"), scheduler=EulerDiscreteScheduler.from_pretrained(out / "scheduler"))` with
+`guidance_scale=0` and the student's step count reproduces the student (tests/test_export.py).
+
+The kohya keys are diffusers-named kohya keys (`lora_unet_down_blocks_0_..._to_q`), as diffusers'
+`convert_state_dict_to_kohya` writes them and as kohya's sd-scripts writes SD 1.x LoRAs; diffusers'
+kohya loader, ComfyUI (`model_lora_keys_unet` maps `lora_unet_<diffusers key>`) and A1111
+(`convert_diffusers_name_to_compvis`) read them. They are not sd-scripts' SDXL names
+(`lora_unet_input_blocks_*`), which would need a hand-written key mapping.
+
+Single-file (all-in-one) checkpoint: not written. diffusers 0.42 reads SDXL single files
+(`from_single_file`) but the installed package has no writer; its conversion lives only in the
+repository's `scripts/convert_diffusers_to_original_sdxl.py`. Run that script on
+`StableDiffusionXLPipeline.from_pretrained(base, unet=..., scheduler=...).save_pretrained(dir)`.
+
+Usage: `python -m lightning_sdxl.export --checkpoint last.ckpt --out DIR` re-exports a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_kohya
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "default"  # the adapter name `unet.add_adapter` gives the student's LoRA
+UNET_DIR, SCHEDULER_DIR, INFO_FILE = "unet", "scheduler", "export_info.json"
+LORA_FILE, KOHYA_FILE = "lora.safetensors", "lora_kohya.safetensors"
+
+
+def is_lora_student(module) -> bool:
+    return module.pair.student_type == "lora"
+
+
+def merged_unet(module, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """A copy of the student UNet with any LoRA merged in; the module's own UNet is not touched.
+
+    Args:
+        module: a `DistillationModule`.
+        dtype: dtype of the returned UNet (the merge itself runs in float32).
+    """
+    unet = copy.deepcopy(module.pair.unet).float().cpu().eval()
+    if is_lora_student(module):
+        unet.fuse_lora()  # peft merge: W + (alpha / r) B A, per adapted layer
+        unet.unload_lora()  # drop the adapter modules, keep the merged base layers
+    return unet.requires_grad_(False).to(dtype)
+
+
+def inference_scheduler(module) -> EulerDiscreteScheduler:
+    """The base model's Euler scheduler with trailing spacing and the student's prediction type."""
+    config = EulerDiscreteScheduler.load_config(module.hparams.model_path, subfolder="scheduler")
+    return EulerDiscreteScheduler.from_config(
+        config, timestep_spacing="trailing", prediction_type=module.student_prediction.name
+    )
+
+
+def lora_adapter_metadata(module) -> dict:
+    """The peft `LoraConfig` as a dict: `load_lora_weights` rebuilds alpha and rank from it."""
+    return module.pair.unet.peft_config[ADAPTER].to_dict()
+
+
+def lora_state_dict(module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The student's LoRA weights as `save_lora_weights` takes them: peft names (`<module>.lora_A.weight`).
+
+    Not passed through diffusers' `convert_state_dict_to_diffusers`: in diffusers 0.42 it renames only
+    attention keys (`to_q.lora_A` -> `to_q.lora.down`) and leaves the conv, feed-forward and proj keys
+    of LCM-LoRA's targets as `lora_A`; `load_lora_weights` picks the naming from the first key alone,
+    so such a mixed file loads without its attention (or without its other) layers, with only a
+    warning. Peft names are what diffusers' own `save_lora_adapter` writes, and they load whole.
+    """
+    peft_state = get_peft_model_state_dict(module.pair.unet, adapter_name=ADAPTER)
+    return {key: value.detach().to("cpu", dtype).contiguous() for key, value in peft_state.items()}
+
+
+def kohya_state_dict(module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The student's LoRA weights in kohya naming: `lora_unet_<module>.{lora_down,lora_up}.weight`, `.alpha`.
+
+    diffusers' `convert_state_dict_to_kohya` names every `.alpha` after the rank (its `len(lora_down)`);
+    the adapter's real alpha (per layer, from peft's `alpha_pattern` when set) replaces it here.
+    """
+    unet = module.pair.unet
+    peft_state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in peft_state.items()})
+    alphas = {
+        "lora_unet_" + name.replace(".", "_"): float(layer.lora_alpha[ADAPTER])
+        for name, layer in unet.named_modules()
+        if hasattr(layer, "lora_alpha") and ADAPTER in getattr(layer, "lora_alpha", {})
+    }
+    state = {}
+    for key, value in kohya.items():
+        name, _, suffix = key.partition(".")
+        if suffix == "alpha":
+            if name not in alphas:
+                raise KeyError(f"No peft LoRA layer matches the kohya key {key!r}.")
+            value = torch.tensor(alphas[name])
+        state[key] = value.detach().to("cpu", dtype).contiguous()
+    return state
+
+
+def export_info(module) -> dict:
+    """What a user needs besides the weights: base model, sampler settings, stage and loss."""
+    hparams = module.hparams
+    info = {
+        "base_model": hparams.model_path,
+        "num_inference_steps": hparams.student_steps,
+        "guidance_scale": 0.0,
+        "scheduler": "EulerDiscreteScheduler(timestep_spacing='trailing')",
+        "prediction_type": module.student_prediction.name,
+        "stage": f"{hparams.teacher_steps}to{hparams.student_steps}",
+        "loss": hparams.loss,
+        "student_type": module.pair.student_type,
+        "single_file": None,  # diffusers 0.42 cannot write one (see lightning_sdxl/export.py)
+        "files": [UNET_DIR, SCHEDULER_DIR, INFO_FILE],
+    }
+    if getattr(module, "_trainer", None) is not None:
+        info["global_step"] = module.trainer.global_step
+    if is_lora_student(module):
+        info.update(lora_rank=hparams.lora_rank, lora_alpha=hparams.lora_alpha or hparams.lora_rank)
+        info["files"] += [LORA_FILE, KOHYA_FILE]
+    return info
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path`; swap it in for `path` only if the block succeeds.
+
+    A previous folder at `path` is renamed aside, the new one renamed in, then the old one removed:
+    `path` is at every moment either the complete old export or the complete new one (or, for an
+    instant between the two renames, absent with the old one beside it as `.<name>.old-*`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield temporary
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent)) / path.name
+            os.replace(path, old)
+        os.replace(temporary, path)
+        if old is not None:
+            shutil.rmtree(old.parent)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def export_student(module, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write every export of `module`'s student into `out_dir`, atomically (module docstring).
+
+    Args:
+        module: a trained `DistillationModule`.
+        out_dir: the export folder; a previous export there is replaced only once the new one is complete.
+        dtype: dtype of the written weights (float32, or float16 / bfloat16 for release files).
+
+    Returns:
+        The export folder.
+    """
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as folder:
+        merged_unet(module, dtype).save_pretrained(folder / UNET_DIR, safe_serialization=True)
+        inference_scheduler(module).save_pretrained(folder / SCHEDULER_DIR)
+        if is_lora_student(module):
+            if module.student_prediction.name != module.teacher_prediction.name:
+                log.warning(
+                    "The LoRA changes the prediction type to %r: load it with a scheduler of that "
+                    "prediction_type (the full UNet export's scheduler/ has it).", module.student_prediction.name,
+                )
+            StableDiffusionXLPipeline.save_lora_weights(
+                folder, unet_lora_layers=lora_state_dict(module, dtype), weight_name=LORA_FILE,
+                unet_lora_adapter_metadata=lora_adapter_metadata(module),
+            )
+            save_file(kohya_state_dict(module, dtype), folder / KOHYA_FILE, metadata={"format": "pt"})
+        (folder / INFO_FILE).write_text(json.dumps(export_info(module), indent=2) + "\n")
+    log.info("Exported the student to %s", out_dir)
+    return out_dir
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Export a Lightning checkpoint of a `DistillationModule` (the frozen parts reload from its model_path)."""
+    from lightning_sdxl.module import DistillationModule
+
+    module = DistillationModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    return export_student(module.eval(), out_dir, dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lightning_sdxl.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a Lightning checkpoint, e.g. <run>/checkpoints/last.ckpt")
+    parser.add_argument("--out", required=True, help="the export folder (replaced atomically)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype))
+
+
+if __name__ == "__main__":
+    main()
