@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lightning_sdxl.config_checks import ConfigError
+from lightning_sdxl.errors import ConfigError
 from lightning_sdxl.train import train
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_sdxl.diffusion.prediction import PREDICTIONS
+from lightning_sdxl.errors import ConfigError, MissingPathError
 from lightning_sdxl.models.discriminator import DiscriminatorHead
 from lightning_sdxl.models.loading import check_pipeline_folder
 from lightning_sdxl.models.tiny import TINY_BLOCK_OUT_CHANNELS
@@ -15,12 +16,6 @@ from lightning_sdxl.models.tiny import TINY_BLOCK_OUT_CHANNELS
 VALID_DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message says what to change."""
-
-
-class MissingPathError(ConfigError, FileNotFoundError):
-    """A configured path (weights folder, data root) that does not exist."""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -54,6 +49,12 @@ def validate_config(cfg: DictConfig) -> None:
     _require(
         cfg.validation.every_n_steps >= 1 and cfg.checkpoint.every_n_steps >= 1,
         "validation.every_n_steps and checkpoint.every_n_steps must be >= 1 (batches).",
+    )
+    accumulate = cfg.optim.accumulate_grad_batches
+    _require(
+        accumulate >= 1 and cfg.steps % accumulate == 0 and cfg.checkpoint.every_n_steps % accumulate == 0,
+        f"optim.accumulate_grad_batches={accumulate}: must be >= 1 and divide steps={cfg.steps} and "
+        f"checkpoint.every_n_steps={cfg.checkpoint.every_n_steps} (all count batches).",
     )
     _require(
         cfg.data.resolution % 8 == 0,

@@ -33,7 +33,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,7 +62,22 @@ def merged_unet(module, dtype: torch.dtype = torch.float32) -> UNet2DConditionMo
         module: a `DistillationModule`.
         dtype: dtype of the returned UNet (the merge itself runs in float32).
     """
-    unet = copy.deepcopy(module.pair.unet).float().cpu().eval()
+    source = module.pair.unet
+    # Pre-filled deepcopy memo: each weight is copied straight to the CPU in float32, so a UNet
+    # training on a GPU needs no second GPU copy (SDXL: 10 GB) at the end of training.
+    memo = {
+        id(tensor): tensor.detach().to("cpu", torch.float32, copy=True)
+        for tensor in source.buffers()
+    }
+    memo.update(
+        {
+            id(parameter): torch.nn.Parameter(
+                parameter.detach().to("cpu", torch.float32, copy=True), False
+            )
+            for parameter in source.parameters()
+        }
+    )
+    unet = copy.deepcopy(source, memo).eval()
     if is_lora_student(module):
         unet.fuse_lora()  # peft merge: W + (alpha / r) B A, per adapted layer
         unet.unload_lora()  # drop the adapter modules, keep the merged base layers
@@ -132,11 +147,11 @@ def export_info(module) -> dict:
         "stage": f"{hparams.teacher_steps}to{hparams.student_steps}",
         "loss": hparams.loss,
         "student_type": module.pair.student_type,
-        "single_file": None,  # diffusers 0.42 cannot write one (see lightning_sdxl/export.py)
+        "single_file": "not written: diffusers 0.42 has no SDXL single-file writer",
         "files": [UNET_DIR, SCHEDULER_DIR, INFO_FILE],
     }
     if getattr(module, "_trainer", None) is not None:
-        info["global_step"] = module.trainer.global_step
+        info["global_step"] = module.trainer.global_step  # Lightning's: optimizer steps
     if is_lora_student(module):
         info.update(lora_rank=hparams.lora_rank, lora_alpha=hparams.lora_alpha or hparams.lora_rank)
         info["files"] += [LORA_FILE, KOHYA_FILE]
@@ -153,27 +168,30 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    # os.mkdir, not tempfile.mkdtemp: the export keeps the umask's permissions, not 0700.
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    temporary.mkdir()
     try:
         yield temporary
-        old = None
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent)) / path.name
             os.replace(path, old)
         os.replace(temporary, path)
-        if old is not None:
-            shutil.rmtree(old.parent)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def export_student(module, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+def export_student(
+    module, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, info: dict | None = None
+) -> Path:
     """Write every export of `module`'s student into `out_dir`, atomically (module docstring).
 
     Args:
         module: a trained `DistillationModule`.
         out_dir: the export folder; a previous export there is replaced only once the new one is complete.
         dtype: dtype of the written weights (float32, or float16 / bfloat16 for release files).
+        info: extra entries for export_info.json.
 
     Returns:
         The export folder.
@@ -186,29 +204,47 @@ def export_student(module, out_dir: str | os.PathLike, dtype: torch.dtype = torc
             if module.student_prediction.name != module.teacher_prediction.name:
                 log.warning(
                     "The LoRA changes the prediction type to %r: load it with a scheduler of that "
-                    "prediction_type (the full UNet export's scheduler/ has it).", module.student_prediction.name,
+                    "prediction_type (the full UNet export's scheduler/ has it).",
+                    module.student_prediction.name,
                 )
             StableDiffusionXLPipeline.save_lora_weights(
-                folder, unet_lora_layers=lora_state_dict(module, dtype), weight_name=LORA_FILE,
+                folder,
+                unet_lora_layers=lora_state_dict(module, dtype),
+                weight_name=LORA_FILE,
                 unet_lora_adapter_metadata=lora_adapter_metadata(module),
             )
-            save_file(kohya_state_dict(module, dtype), folder / KOHYA_FILE, metadata={"format": "pt"})
-        (folder / INFO_FILE).write_text(json.dumps(export_info(module), indent=2) + "\n")
+            save_file(
+                kohya_state_dict(module, dtype), folder / KOHYA_FILE, metadata={"format": "pt"}
+            )
+        info = {**export_info(module), **(info or {})}
+        (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     log.info("Exported the student to %s", out_dir)
     return out_dir
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+def export_checkpoint(
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> Path:
     """Export a Lightning checkpoint of a `DistillationModule` (the frozen parts reload from its model_path)."""
     from lightning_sdxl.module import DistillationModule
 
-    module = DistillationModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    return export_student(module.eval(), out_dir, dtype)
+    module = DistillationModule.load_from_checkpoint(
+        checkpoint, map_location="cpu", weights_only=True
+    )
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    info = {"checkpoint": str(checkpoint), "global_step": saved["global_step"]}
+    return export_student(module.eval(), out_dir, dtype, info)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lightning_sdxl.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a Lightning checkpoint, e.g. <run>/checkpoints/last.ckpt")
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_sdxl.export", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a Lightning checkpoint, e.g. <run>/checkpoints/last.ckpt",
+    )
     parser.add_argument("--out", required=True, help="the export folder (replaced atomically)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args(argv)

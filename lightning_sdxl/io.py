@@ -21,6 +21,9 @@ def atomic_path(path: str | os.PathLike):
     os.close(handle)
     try:
         yield Path(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -4,10 +4,11 @@ Per batch (METHOD.md 2-3): latents x0 and condition c; a jump t -> t' of the sta
 teacher's n-step target x_{t'}; the student's one-step x_{t'}; then a generator step and, for the
 adversarial losses, a discriminator step. The maths lives in `diffusion/`, `models/`, `losses.py`.
 
-Step convention: Lightning's `trainer.global_step` counts optimizer steps, so an adversarial batch
-advances it by 2 (generator + discriminator) and an MSE batch by 1. Everything the user configures
-(`steps`, validation and checkpoint intervals) counts batches, i.e. generator updates; `train()`
-converts to optimizer steps where Lightning needs them. Loggers' x-axis also counts batches.
+Step convention: everything the user configures (`steps`, validation and checkpoint intervals)
+counts batches. Lightning's `trainer.global_step` counts optimizer steps: an adversarial batch
+advances it by 2 (generator + discriminator), an MSE batch by 1, and with gradient accumulation
+only every `accumulate_grad_batches`-th batch steps. `train()` converts batches to optimizer steps
+where Lightning needs them; loggers' x-axis counts batches.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class DistillationModule(L.LightningModule):
         discriminator_optimizer: the same for the discriminator.
         lr_scheduler: a Hydra config of a partial LR scheduler (applied to both), or None.
         gradient_clip_val: max gradient norm per optimizer step, or None.
+        accumulate_grad_batches: batches whose gradients are summed (averaged) per optimizer step.
         resolution: image size in pixels (target size of the micro-conditioning).
         validation_teacher_steps: the teacher's steps in validation grids (None: teacher_steps).
     """
@@ -93,6 +95,7 @@ class DistillationModule(L.LightningModule):
         discriminator_optimizer: dict | None = None,
         lr_scheduler: dict | None = None,
         gradient_clip_val: float | None = 1.0,
+        accumulate_grad_batches: int = 1,
         resolution: int = 1024,
         validation_teacher_steps: int | None = None,
     ):
@@ -180,9 +183,10 @@ class DistillationModule(L.LightningModule):
         return 2 if self.adversarial else 1
 
     @property
-    def generator_steps(self) -> int:
+    def batches_trained(self) -> int:
         """Batches trained so far (the project's step convention, see the module docstring)."""
-        return self.trainer.global_step // self.optimizers_per_batch
+        optimizer_steps = self.trainer.global_step // self.optimizers_per_batch
+        return optimizer_steps * self.hparams.accumulate_grad_batches
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x0 = self.encode_images(batch["pixel_values"])  # (B, 4, H/8, W/8)
@@ -201,18 +205,18 @@ class DistillationModule(L.LightningModule):
         x_next_fake = move(self.schedule, self.student_prediction, x_t, u, t, t_next)
 
         if not self.adversarial:
-            self._optimizer_step(0, mse_loss(x_next_fake, x_next_real), "generator")
+            self._optimizer_step(0, mse_loss(x_next_fake, x_next_real), "generator", batch_idx)
             return
         # Multi-timestep discrimination when t' is clean (METHOD.md 3).
         x_real, x_fake, t_judge = self.renoiser(self.schedule, x_next_real, x_next_fake, t_next, t_next == CLEAN)
 
         # Generator phase: fool the discriminator.
         (logits_fake,) = self.discriminator.judge(x_t, t, [x_fake], t_judge, condition)
-        self._optimizer_step(0, generator_loss(logits_fake), "generator")
+        self._optimizer_step(0, generator_loss(logits_fake), "generator", batch_idx)
 
         # Discriminator phase: real and fake in one batch, d(x_t) computed once.
         logits_real, logits_fake = self.discriminator.judge(x_t, t, [x_real, x_fake.detach()], t_judge, condition)
-        self._optimizer_step(1, discriminator_loss(logits_real, logits_fake), "discriminator")
+        self._optimizer_step(1, discriminator_loss(logits_real, logits_fake), "discriminator", batch_idx)
         self.log_dict(
             {
                 "discriminator/logits_real": logits_real.mean(),
@@ -223,20 +227,22 @@ class DistillationModule(L.LightningModule):
             sync_dist=True,
         )
 
-    def _optimizer_step(self, index: int, loss: torch.Tensor, name: str) -> None:
-        """toggle, backward, clip, step, LR schedule for optimizer `index`, and log the loss."""
+    def _optimizer_step(self, index: int, loss: torch.Tensor, name: str, batch_idx: int) -> None:
+        """Backward for optimizer `index`; every `accumulate_grad_batches` batches clip, step and
+        advance its LR schedule. The other optimizer's weights are toggled off meanwhile."""
         optimizer = self._as_list(self.optimizers())[index]
-        scheduler = self._as_list(self.lr_schedulers())
+        accumulate = self.hparams.accumulate_grad_batches
         self.toggle_optimizer(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if self.hparams.gradient_clip_val:
-            self.clip_gradients(optimizer, self.hparams.gradient_clip_val, "norm")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss / accumulate)
+        if (batch_idx + 1) % accumulate == 0:
+            if self.hparams.gradient_clip_val:
+                self.clip_gradients(optimizer, self.hparams.gradient_clip_val, "norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedulers = self._as_list(self.lr_schedulers())
+            if schedulers:
+                schedulers[index].step()
         self.untoggle_optimizer(optimizer)
-        if scheduler:
-            scheduler[index].step()
         self.log(f"loss/{name}", loss.detach(), prog_bar=True, sync_dist=True)
         self.log(f"lr/{name}", optimizer.param_groups[0]["lr"])
 

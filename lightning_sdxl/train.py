@@ -10,15 +10,17 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, open_dict
 
 from lightning_sdxl.config_checks import validate_config
+from lightning_sdxl.errors import instantiate_checked
 from lightning_sdxl.io import AtomicCheckpointIO
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
 
 log = logging.getLogger(__name__)
 
 
-def _optimizers_per_batch(cfg: DictConfig) -> int:
-    """The step convention (lightning_sdxl/module.py): 2 optimizer steps per adversarial batch."""
-    return 1 if cfg.loss.name == "mse" else 2
+def optimizer_steps(cfg: DictConfig, batches: int) -> int:
+    """Lightning global steps for `batches` batches (the step convention of lightning_sdxl/module.py):
+    2 optimizer steps per adversarial (1 per MSE) optimizer update, one update per accumulation."""
+    return batches // cfg.optim.accumulate_grad_batches * (1 if cfg.loss.name == "mse" else 2)
 
 
 def _multi_device(trainer_cfg: DictConfig) -> bool:
@@ -29,7 +31,7 @@ def _multi_device(trainer_cfg: DictConfig) -> bool:
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     """The Trainer of `cfg.trainer` with the derived step counts and checkpoint writer."""
-    kwargs = {"max_steps": cfg.steps * _optimizers_per_batch(cfg)}
+    kwargs = {"max_steps": optimizer_steps(cfg, cfg.steps)}
     if cfg.trainer.strategy == "auto" and _multi_device(cfg.trainer):
         # The generator and discriminator steps each leave the other's weights without gradients.
         kwargs["strategy"] = DDPStrategy(find_unused_parameters=True)
@@ -43,9 +45,9 @@ def instantiate_callbacks(cfg: DictConfig) -> list[L.Callback]:
     for name, callback_cfg in (cfg.get("callbacks") or {}).items():
         if name == "model_checkpoint":
             with open_dict(callback_cfg):
-                callback_cfg.every_n_train_steps = cfg.checkpoint.every_n_steps * _optimizers_per_batch(cfg)
+                callback_cfg.every_n_train_steps = optimizer_steps(cfg, cfg.checkpoint.every_n_steps)
         log.info("Instantiating callback <%s>", callback_cfg._target_)
-        callbacks.append(hydra.utils.instantiate(callback_cfg))
+        callbacks.append(instantiate_checked(callback_cfg))
     return callbacks
 
 
@@ -67,8 +69,10 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
             cfg.model.path = str(ensure_tiny_sdxl(cfg.model.path, cfg.model.seed))
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
+    # Callbacks before the module: missing metric weights fail before SDXL loads.
+    callbacks = instantiate_callbacks(cfg) + list(extra_callbacks)
     log.info("Instantiating module: stage %s, loss %s, %s student", cfg.stage.name, cfg.loss.name, cfg.student.type)
     module = hydra.utils.instantiate(cfg.module)
-    trainer = build_trainer(cfg, instantiate_callbacks(cfg) + list(extra_callbacks), instantiate_loggers(cfg))
+    trainer = build_trainer(cfg, callbacks, instantiate_loggers(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     return trainer

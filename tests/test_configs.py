@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
 from lightning_sdxl.config_checks import ConfigError, validate_config
+from lightning_sdxl.metrics import MissingMetricWeights
 from lightning_sdxl.models.loading import check_pipeline_folder
 from lightning_sdxl.train import build_trainer, instantiate_callbacks, instantiate_loggers, train
 
@@ -41,7 +42,7 @@ FILE_IDS = [f"{group}={name}" for group, name in ALL_FILES]
 MODULE_GROUPS = ("stage", "loss", "prediction", "student", "discriminator", "optim", "model")
 # Model files that name real weights (a hub id): composed and validated, never instantiated offline.
 HUB_MODELS = ("sdxl",)
-HANDLED_GROUPS = {"data", "callbacks", "logger", "trainer", "experiment", *MODULE_GROUPS}
+HANDLED_GROUPS = {"data", "callbacks", "logger", "trainer", "experiment", "metrics", *MODULE_GROUPS}
 
 
 def _files(group: str) -> list[tuple[str, str]]:
@@ -160,8 +161,13 @@ def test_data_files_instantiate(group, name, image_root, make_config):
 
 
 @pytest.mark.parametrize(("group", "name"), _files("callbacks"), ids=_ids(_files("callbacks")))
-def test_callback_files_instantiate(group, name, make_config):
+def test_callback_files_instantiate(group, name, make_config, monkeypatch, tmp_path):
     cfg = make_config(f"callbacks={name}", "checkpoint.every_n_steps=3")
+    if name == "metrics":  # real Inception / ViT-g-14 weights: absent offline, a one-line error
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+        with pytest.raises(MissingMetricWeights, match="metrics.fid_whole.extractor.weights_path"):
+            instantiate_callbacks(cfg)
+        return
     callbacks = instantiate_callbacks(cfg)
     entries = list((cfg.callbacks or {}).items())
     assert len(callbacks) == len(entries)
@@ -171,6 +177,19 @@ def test_callback_files_instantiate(group, name, make_config):
         if key == "model_checkpoint":  # batches -> optimizer steps (2 per adversarial batch)
             assert callback._every_n_train_steps == 3 * 2
             assert Path(callback.dirpath).is_relative_to(cfg.output_dir)
+
+
+@pytest.mark.parametrize(("group", "name"), _files("metrics"), ids=_ids(_files("metrics")))
+def test_metric_files_name_their_weights_when_absent(group, name, make_config, monkeypatch, tmp_path):
+    """Real metric weights are absent offline: each network fails in one line naming its key."""
+    from lightning_sdxl.errors import instantiate_checked
+
+    cfg = make_config(f"metrics={name}")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for key, config_key in (("fid_whole", "fid_whole.extractor.weights_path"), ("clip_score", "clip_score.scorer.pretrained")):
+        with pytest.raises(MissingMetricWeights, match=f"metrics.{config_key}"):
+            instantiate_checked(cfg.metrics[key])
 
 
 @pytest.mark.parametrize(("group", "name"), _files("logger"), ids=_ids(_files("logger")))

@@ -16,7 +16,15 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DC
 from omegaconf import open_dict
 from safetensors.torch import load_file
 
-from lightning_sdxl.export import INFO_FILE, KOHYA_FILE, LORA_FILE, SCHEDULER_DIR, UNET_DIR, export_student
+from lightning_sdxl.export import (
+    INFO_FILE,
+    KOHYA_FILE,
+    LORA_FILE,
+    SCHEDULER_DIR,
+    UNET_DIR,
+    atomic_dir,
+    export_student,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a large red circle at the top left on a white background", "a small blue square"]
@@ -72,12 +80,19 @@ def assert_pipeline_reproduces_student(module, export: Path, base: str) -> None:
     size = module.hparams.resolution
     expected = module.generate(PROMPTS, SEEDS, "student", steps)
     latents = stock_pipeline(base, export)(
-        PROMPTS, num_inference_steps=steps, guidance_scale=0.0, latents=module.initial_noise(SEEDS),
-        height=size, width=size, output_type="latent",
+        PROMPTS,
+        num_inference_steps=steps,
+        guidance_scale=0.0,
+        latents=module.initial_noise(SEEDS),
+        height=size,
+        width=size,
+        output_type="latent",
     ).images
     assert torch.allclose(latents, expected, atol=1e-4, rtol=1e-4), (latents - expected).abs().max()
     teacher = module.generate(PROMPTS, SEEDS, "teacher", steps)
-    assert (latents - teacher).abs().max() > 1e-2, "the export reproduces the teacher, not the student"
+    assert (latents - teacher).abs().max() > 1e-2, (
+        "the export reproduces the teacher, not the student"
+    )
 
 
 def test_lora_student_full_unet_export_reproduces_the_student(lora_export, tiny_sdxl_path):
@@ -86,16 +101,24 @@ def test_lora_student_full_unet_export_reproduces_the_student(lora_export, tiny_
     info = json.loads((export / INFO_FILE).read_text())
     assert info["prediction_type"] == "epsilon" and info["num_inference_steps"] == 4
     assert info["stage"] == "8to4" and info["loss"] == "cond_adv" and info["lora_alpha"] == 8
-    assert EulerDiscreteScheduler.from_pretrained(export / SCHEDULER_DIR).config.timestep_spacing == "trailing"
-    assert any(name.startswith("pair.unet.") and "lora_" in name for name, _ in module.named_parameters()), (
-        "exporting must not merge or unload the training module's adapters"
+    assert (
+        EulerDiscreteScheduler.from_pretrained(export / SCHEDULER_DIR).config.timestep_spacing
+        == "trailing"
     )
+    assert any(
+        name.startswith("pair.unet.") and "lora_" in name for name, _ in module.named_parameters()
+    ), "exporting must not merge or unload the training module's adapters"
 
 
 def test_x0_full_student_export_reproduces_the_one_step_model(tiny_sdxl_path, tmp_path):
-    module = build_perturbed_module(tiny_sdxl_path, tmp_path / "run", "student=full", "prediction=sample", "stage=2to1")
+    module = build_perturbed_module(
+        tiny_sdxl_path, tmp_path / "run", "student=full", "prediction=sample", "stage=2to1"
+    )
     export = export_student(module, tmp_path / "export")
-    assert EulerDiscreteScheduler.from_pretrained(export / SCHEDULER_DIR).config.prediction_type == "sample"
+    assert (
+        EulerDiscreteScheduler.from_pretrained(export / SCHEDULER_DIR).config.prediction_type
+        == "sample"
+    )
     assert sorted(path.name for path in export.iterdir()) == [INFO_FILE, SCHEDULER_DIR, UNET_DIR]
     assert_pipeline_reproduces_student(module, export, tiny_sdxl_path)
 
@@ -119,8 +142,16 @@ def test_kohya_lora_has_kohya_keys_and_loads_like_the_diffusers_lora(lora_export
     state = load_file(export / KOHYA_FILE)
     assert all(key.startswith("lora_unet_") for key in state)
     names = {key.split(".")[0] for key in state}
-    assert {key.split(".", 1)[1] for key in state} == {"lora_down.weight", "lora_up.weight", "alpha"}
-    assert all(f"{name}.{suffix}" in state for name in names for suffix in ("lora_down.weight", "lora_up.weight", "alpha"))
+    assert {key.split(".", 1)[1] for key in state} == {
+        "lora_down.weight",
+        "lora_up.weight",
+        "alpha",
+    }
+    assert all(
+        f"{name}.{suffix}" in state
+        for name in names
+        for suffix in ("lora_down.weight", "lora_up.weight", "alpha")
+    )
     assert all(float(state[f"{name}.alpha"]) == 8.0 for name in names)
     assert len(names) == len(load_file(export / LORA_FILE)) // 2
 
@@ -128,7 +159,8 @@ def test_kohya_lora_has_kohya_keys_and_loads_like_the_diffusers_lora(lora_export
     pipe.load_lora_weights(export, weight_name=LORA_FILE)
     expected = unet_output(pipe.unet, module)
     pipe = stock_pipeline(tiny_sdxl_path)
-    pipe.load_lora_weights(export, weight_name=KOHYA_FILE)  # diffusers' kohya (non-diffusers) loader
+    # diffusers' kohya path: lora_state_dict -> _convert_non_diffusers_lora_to_diffusers, alphas from `.alpha`.
+    pipe.load_lora_weights(export, weight_name=KOHYA_FILE)
     kohya = unet_output(pipe.unet, module)
     assert torch.allclose(kohya, expected, atol=1e-5), (kohya - expected).abs().max()
 
@@ -136,22 +168,70 @@ def test_kohya_lora_has_kohya_keys_and_loads_like_the_diffusers_lora(lora_export
 def test_callback_exports_at_train_end_and_cli_reexports_last_checkpoint(make_config, tmp_path):
     from lightning_sdxl.train import train
 
-    cfg = make_config("loss=mse", "student.lr=1e-2")
+    # One MSE batch, a checkpoint after it, no validation: the cheapest run that trains and saves.
+    cfg = make_config(
+        "loss=mse",
+        "steps=1",
+        "checkpoint.every_n_steps=1",
+        "validation.every_n_steps=100",
+        "logger=none",
+        "student.lr=1e-2",
+    )
     train(cfg)
     run = Path(cfg.output_dir)
     export = run / "export"
-    assert {path.name for path in export.iterdir()} == {UNET_DIR, SCHEDULER_DIR, LORA_FILE, KOHYA_FILE, INFO_FILE}
-    assert json.loads((export / INFO_FILE).read_text())["global_step"] == cfg.steps
-    assert not [path.name for path in run.iterdir() if path.name.startswith(".export")], "temporary folders left"
+    assert {path.name for path in export.iterdir()} == {
+        UNET_DIR,
+        SCHEDULER_DIR,
+        LORA_FILE,
+        KOHYA_FILE,
+        INFO_FILE,
+    }
+    assert json.loads((export / INFO_FILE).read_text())["global_step"] == 1
+    assert any(
+        value.abs().max() > 0
+        for key, value in load_file(export / KOHYA_FILE).items()
+        if "lora_up" in key
+    ), "the exported LoRA is the untrained one (B = 0)"
+    assert not [path.name for path in run.iterdir() if path.name.startswith(".export")], (
+        "temporary folders left"
+    )
 
     again = tmp_path / "again"
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_sdxl.export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"),
-         "--out", str(again)],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "lightning_sdxl.export",
+            "--checkpoint",
+            str(run / "checkpoints" / "last.ckpt"),
+            "--out",
+            str(again),
+        ],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((again / INFO_FILE).read_text())["global_step"] == 1
     for name in (f"{UNET_DIR}/diffusion_pytorch_model.safetensors", LORA_FILE, KOHYA_FILE):
         written, reexported = load_file(export / name), load_file(again / name)
         assert written.keys() == reexported.keys()
         assert all(torch.equal(written[key], reexported[key]) for key in written), name
+
+
+def test_atomic_dir_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):
+    target = tmp_path / "export"
+    with atomic_dir(target) as folder:
+        (folder / "old").write_text("1")
+    with pytest.raises(RuntimeError), atomic_dir(target) as folder:
+        (folder / "new").write_text("2")
+        raise RuntimeError("interrupted")
+    assert [path.name for path in target.iterdir()] == ["old"]
+    with atomic_dir(target) as folder:
+        (folder / "new").write_text("2")
+    assert [path.name for path in target.iterdir()] == ["new"]
+    assert [path.name for path in tmp_path.iterdir()] == ["export"], "temporary folders left"

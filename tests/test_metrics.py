@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import socket
 
 import numpy as np
 import open_clip
@@ -258,7 +259,7 @@ def test_missing_inception_weights_fail_before_building(tmp_path, monkeypatch):
     monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", build)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     expected = tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILENAMES[0]
-    with pytest.raises(MissingMetricWeights, match="metrics.inception_weights") as error:
+    with pytest.raises(MissingMetricWeights, match=r"metrics\.fid_whole\.extractor\.weights_path") as error:
         InceptionFeatures()
     assert str(expected) in str(error.value) and INCEPTION_URL in str(error.value)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
@@ -287,3 +288,39 @@ def test_reference_stats_properties_match_numpy():
     stats = ReferenceStats(features.sum(0), features.T @ features, 9)
     assert np.allclose(stats.mean.numpy(), features.numpy().mean(0))
     assert np.allclose(stats.cov.numpy(), np.cov(features.numpy(), rowvar=False))
+
+
+def _ddp_worker(rank, weights_path, cache_dir, port, results):
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    reference, fake = random_images(24, 16, seed=5), random_images(12, 16, seed=6, shift=0.1)
+    shard = reference[rank::2]
+    scores = []
+    for _ in range(2):  # a cache miss (sharded reference), then a hit (rank 0 holds it)
+        metric = FIDPatch(tiny_extractor(weights_path))
+        prepare_reference(metric, "ddp", lambda: iter([shard]), ReferenceStatsCache(cache_dir))
+        metric.update(fake[rank::2], real=False)
+        scores.append(float(metric.compute()))
+    results[rank] = scores
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fid_under_ddp_equals_single_process(weights, tmp_path):
+    import torch.multiprocessing as mp
+
+    metric = FIDPatch(tiny_extractor(weights))
+    metric.update(random_images(24, 16, seed=5), real=True)
+    metric.update(random_images(12, 16, seed=6, shift=0.1), real=False)
+    expected = float(metric.compute())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(weights, str(tmp_path / "cache"), port, results), nprocs=2)
+    assert results[0] == results[1] == [pytest.approx(expected, rel=1e-9)] * 2

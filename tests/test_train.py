@@ -82,3 +82,23 @@ def test_cli_multirun_over_losses(tmp_path):
     runs = sorted(path.parent.parent.name for path in tmp_path.glob("*/checkpoints/last.ckpt"))
     assert len(runs) == 3, runs
     assert {run.split("_", 2)[2].rsplit("_", 1)[0] for run in runs} == {"mse", "cond_adv", "uncond_adv"}
+
+
+def test_gradient_accumulation_steps_once_per_accumulated_batches(make_config):
+    steps_at = []
+
+    class Spy(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            steps_at.append(trainer.fit_loop.epoch_loop.batch_idx)
+
+    cfg = make_config("optim.accumulate_grad_batches=2", "steps=4", "validation.every_n_steps=4")
+    trainer = train(cfg, extra_callbacks=[Spy()])
+    assert trainer.global_step == 4  # 2 updates x (generator + discriminator)
+    assert steps_at == [1, 1, 3, 3]  # batches 0 and 2 only accumulate
+
+
+def test_accumulation_must_divide_the_batch_counts(make_config):
+    from lightning_sdxl.config_checks import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.accumulate_grad_batches=3"):
+        train(make_config("optim.accumulate_grad_batches=3", "steps=4"))

@@ -39,7 +39,7 @@ class SampleGrid(L.Callback):
         grid = make_grid(torch.cat([rows["teacher"][order], rows["student"][order]]), nrow=len(order), padding=2)
         if not trainer.is_global_zero:
             return
-        step = pl_module.generator_steps
+        step = pl_module.batches_trained
         with atomic_path(self.dirpath / f"step_{step:06d}.png") as temporary:
             save_image(grid, temporary, format="png")
         for logger in trainer.loggers:

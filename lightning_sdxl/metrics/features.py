@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from lightning_sdxl.errors import MissingPathError
+
 # torch-fidelity's converted TF Inception (FID's reference network); pytorch-fid ships the same
 # file (same SHA-256 prefix) as `pt_inception-2015-12-05-6726825d.pth`.
 INCEPTION_URL = (
@@ -32,13 +34,13 @@ INCEPTION_FILENAMES = (
     "pt_inception-2015-12-05-6726825d.pth",
 )
 INCEPTION_SHA256_PREFIX = "6726825d"
-INCEPTION_CONFIG_KEY = "metrics.inception_weights"
-OPENCLIP_CONFIG_KEY = "metrics.clip_pretrained"
+INCEPTION_CONFIG_KEY = "metrics.fid_whole.extractor.weights_path"
+OPENCLIP_CONFIG_KEY = "metrics.clip_score.scorer.pretrained"
 
 _SHA256_CACHE: dict[tuple[str, int, int], str] = {}
 
 
-class MissingMetricWeights(FileNotFoundError):
+class MissingMetricWeights(MissingPathError):
     """A metric network's weights file is not on disk; the message names it and how to get it."""
 
 

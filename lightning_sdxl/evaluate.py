@@ -1,0 +1,229 @@
+"""evaluate(cfg): FID-Whole, FID-Patch and CLIP score of a model at several step counts (METHOD.md 6).
+
+The model under test is the teacher, a Lightning checkpoint's student, an exported UNet folder, or a
+LoRA file on the base model. Images are written to disk as they are generated, so a rerun after a
+crash regenerates only what is missing; the table goes to `results.md`, `results.csv` and
+`results.json`, a grid of the first prompts across step counts to `grid.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from omegaconf import DictConfig, ListConfig, open_dict
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from lightning_sdxl.callbacks.metrics import reference_id
+from lightning_sdxl.diffusion.prediction import get_prediction
+from lightning_sdxl.diffusion.sampler import sample
+from lightning_sdxl.diffusion.schedule import NoiseSchedule
+from lightning_sdxl.diffusion.solver import unet_fn
+from lightning_sdxl.errors import ConfigError, MissingPathError, instantiate_checked
+from lightning_sdxl.io import atomic_path
+from lightning_sdxl.metrics import ReferenceStatsCache, prepare_reference
+from lightning_sdxl.models.loading import check_pipeline_folder, load_sdxl
+from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
+from lightning_sdxl.models.tiny import ensure_tiny_sdxl
+
+log = logging.getLogger(__name__)
+KINDS = ("teacher", "checkpoint", "unet", "lora")
+GRID_PROMPTS = 8
+
+
+@dataclass
+class ModelUnderTest:
+    """A UNet with its prediction type and the base model's text encoders, VAE and schedule."""
+
+    name: str
+    unet: UNet2DConditionModel
+    prediction_type: str
+    text_encoder: SDXLTextEncoder
+    vae: torch.nn.Module
+    schedule: NoiseSchedule
+
+
+def step_counts(steps) -> list[int]:
+    """`steps=4` or `steps=[1,2,4,8]` (a multirun sweeps the scalar form)."""
+    return [int(s) for s in steps] if isinstance(steps, (list, tuple, ListConfig)) else [int(steps)]
+
+
+def validate_eval_config(cfg: DictConfig) -> None:
+    """Fail in one line, before any model loads."""
+    kind, path = cfg.target.kind, cfg.target.path
+    if kind not in KINDS:
+        raise ConfigError(f"target.kind={kind}: choose one of {KINDS}.")
+    if kind != "teacher" and (path is None or not Path(str(path)).exists()):
+        raise MissingPathError(f"target.path={path} does not exist: give the {kind} to evaluate (see conf/eval.yaml).")
+    if kind == "unet" and not (Path(str(path)) / "config.json").exists():
+        raise MissingPathError(f"target.path={path} is not a diffusers UNet folder (no config.json): pass the export's unet/.")
+    counts = step_counts(cfg.steps)
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"steps={cfg.steps}: give positive step counts, e.g. steps=[1,2,4,8].")
+    if cfg.num_images < 2:
+        raise ConfigError(f"num_images={cfg.num_images}: FID needs at least 2 images.")
+    if cfg.model.path is not None:
+        try:
+            check_pipeline_folder(str(cfg.model.path))
+        except FileNotFoundError as error:
+            raise MissingPathError(str(error)) from error
+
+
+def _prediction_of_unet_folder(unet_dir: Path, fallback: str) -> str:
+    """An export's scheduler/ beside unet/ says the prediction type (x0 for 1-step models)."""
+    scheduler_config = unet_dir.parent / "scheduler" / "scheduler_config.json"
+    if scheduler_config.exists():
+        return json.loads(scheduler_config.read_text()).get("prediction_type", fallback)
+    return fallback
+
+
+def load_model_under_test(cfg: DictConfig, device: torch.device) -> ModelUnderTest:
+    """The UNet to evaluate, on the base model's text encoders, VAE and noise schedule."""
+    base = load_sdxl(str(cfg.model.path))
+    teacher_prediction = base.scheduler_config.get("prediction_type", "epsilon")
+    kind, path = cfg.target.kind, cfg.target.path
+    if kind == "teacher":
+        unet, prediction = base.unet, teacher_prediction
+    elif kind == "checkpoint":
+        from lightning_sdxl.export import merged_unet
+        from lightning_sdxl.module import DistillationModule
+
+        module = DistillationModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+        unet, prediction = merged_unet(module), module.student_prediction.name
+    elif kind == "unet":
+        unet = UNet2DConditionModel.from_pretrained(str(path), use_safetensors=True)
+        prediction = _prediction_of_unet_folder(Path(str(path)), teacher_prediction)
+    else:  # a LoRA file (diffusers or kohya format) on the base model, fused
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(cfg.model.path), use_safetensors=True)
+        pipe.load_lora_weights(str(path))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        unet, prediction = pipe.unet, cfg.target.prediction_type or teacher_prediction
+    prediction = cfg.target.prediction_type or prediction
+    text_encoder = SDXLTextEncoder(
+        base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2, base.force_zeros_for_empty_prompt
+    )
+    name = cfg.target.name or (kind if kind == "teacher" else f"{kind}:{Path(str(path)).name}")
+    return ModelUnderTest(
+        name=name,
+        unet=unet.to(device).eval().requires_grad_(False),
+        prediction_type=prediction,
+        text_encoder=text_encoder.to(device),
+        vae=base.vae.to(device).eval().requires_grad_(False),
+        schedule=NoiseSchedule.from_scheduler_config(base.scheduler_config).to(device),
+    )
+
+
+@torch.no_grad()
+def generate_images(
+    model: ModelUnderTest, prompts: list[str], seeds: list[int], num_steps: int, guidance_scale: float,
+    resolution: int, folder: Path, batch_size: int,
+) -> list[Path]:
+    """Generate (or reuse, after a crash) one PNG per prompt at `num_steps`; return the paths."""
+    paths = [folder / f"{index:06d}.png" for index in range(len(prompts))]
+    missing = [index for index, path in enumerate(paths) if not path.exists()]
+    device = next(model.unet.parameters()).device
+    prediction = get_prediction(model.prediction_type)
+    config = model.vae.config
+    for start in tqdm(range(0, len(missing), batch_size), desc=f"{model.name} {num_steps} steps: generate"):
+        batch = missing[start : start + batch_size]
+        size = torch.tensor([[resolution, resolution]] * len(batch), device=device)
+        condition = build_condition(
+            model.text_encoder, [prompts[i] for i in batch], size, torch.zeros_like(size), (resolution, resolution)
+        )
+        uncondition = unconditional_like(model.text_encoder, condition) if guidance_scale > 1 else None
+        noise = torch.stack([
+            torch.randn(4, resolution // 8, resolution // 8, generator=torch.Generator().manual_seed(seeds[i]))
+            for i in batch
+        ]).to(device)
+        latents = sample(
+            unet_fn(model.unet), model.schedule, prediction, noise, num_steps, condition, uncondition, guidance_scale
+        )
+        shift = getattr(config, "shift_factor", None) or 0.0
+        images = model.vae.decode(latents / config.scaling_factor + shift).sample.float() / 2 + 0.5
+        for index, image in zip(batch, images.clamp(0, 1)):
+            with atomic_path(paths[index]) as temporary:
+                save_image(image, temporary, format="png")
+    return paths
+
+
+def load_images(paths: list[Path], batch_size: int):
+    """Batches of saved images as float (B, 3, H, W) in [0, 1]."""
+    for start in range(0, len(paths), batch_size):
+        yield torch.stack([pil_to_tensor(Image.open(p).convert("RGB")) for p in paths[start : start + batch_size]]).float() / 255
+
+
+def write_table(rows: list[dict], output_dir: Path) -> None:
+    """results.json, results.csv and results.md (model, steps, FID-Whole, FID-Patch, CLIP)."""
+    columns = ["model", "steps", "fid_whole", "fid_patch", "clip_score"]
+    with atomic_path(output_dir / "results.json") as temporary:
+        temporary.write_text(json.dumps(rows, indent=2))
+    with atomic_path(output_dir / "results.csv") as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| model | steps | FID-Whole | FID-Patch | CLIP |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [
+        f"| {r['model']} | {r['steps']} | {r['fid_whole']:.2f} | {r['fid_patch']:.2f} | {r['clip_score']:.2f} |"
+        for r in rows
+    ]
+    with atomic_path(output_dir / "results.md") as temporary:
+        temporary.write_text("\n".join(lines) + "\n")
+
+
+def evaluate(cfg: DictConfig) -> list[dict]:
+    """Evaluate `cfg.target` at each of `cfg.steps`; returns the table rows."""
+    validate_eval_config(cfg)
+    if cfg.model.name == "tiny":
+        with open_dict(cfg):
+            cfg.model.path = str(ensure_tiny_sdxl(cfg.model.path, cfg.model.seed))
+    # Metric networks first: missing weights fail before the model loads.
+    fids = {name: instantiate_checked(cfg.metrics[name]) for name in ("fid_whole", "fid_patch")}
+    clip_score = instantiate_checked(cfg.metrics.clip_score)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model_under_test(cfg, device)
+    output_dir = Path(cfg.output_dir)
+
+    prompts = list(datamodule.val_prompts)[: cfg.num_images]
+    seeds = [cfg.seed + index for index in range(len(prompts))]
+    references = (datamodule.validation_images()[: len(prompts)] + 1) / 2
+    cache = ReferenceStatsCache(cfg.metrics.cache_dir)
+    for fid in fids.values():
+        fid.to(device)
+        prepare_reference(fid, f"{reference_id(datamodule)}:n={len(prompts)}", lambda: references.split(cfg.batch_size), cache)
+    clip_score.to(device)
+
+    rows, grid = [], []
+    for num_steps in step_counts(cfg.steps):
+        folder = output_dir / "images" / f"steps_{num_steps}"
+        paths = generate_images(
+            model, prompts, seeds, num_steps, cfg.guidance_scale, cfg.data.resolution, folder, cfg.batch_size
+        )
+        for metric in (*fids.values(), clip_score):
+            metric.reset()
+        batches = zip(load_images(paths, cfg.batch_size), range(0, len(paths), cfg.batch_size))
+        for images, start in tqdm(batches, total=-(-len(paths) // cfg.batch_size), desc="features"):
+            images = images.to(device)
+            for fid in fids.values():
+                fid.update(images, real=False)
+            clip_score.update(images, prompts[start : start + len(images)])
+        row = {"model": model.name, "steps": num_steps}
+        row.update({name: float(fid.compute()) for name, fid in fids.items()})
+        row["clip_score"] = float(clip_score.compute())
+        log.info("%s", row)
+        rows.append(row)
+        grid.append(next(load_images(paths[:GRID_PROMPTS], GRID_PROMPTS)))
+    write_table(rows, output_dir)
+    with atomic_path(output_dir / "grid.png") as temporary:  # rows: step counts; columns: prompts
+        save_image(make_grid(torch.cat(grid), nrow=len(grid[0]), padding=2), temporary, format="png")
+    return rows
