@@ -92,18 +92,24 @@ def validate_config(cfg: DictConfig) -> None:
         _check_discriminator_fits(cfg)
 
 
+# Data paths a data module needs: key -> (must be a folder, what it is).
+_DATA_PATHS = {
+    "root": (True, "a folder of images with sidecar .txt captions"),
+    "captions_file": (False, "a COCO captions JSON"),
+    "image_root": (True, "the folder of the images the captions file names"),
+}
+
+
 def _check_data_root(data: DictConfig) -> None:
-    """A folder datamodule's `root` must be set and exist (train() indexes it after the model builds)."""
-    if OmegaConf.is_missing(data, "root"):
-        raise ConfigError(
-            "data.root is not set: add data.root=/path/to/images (images with sidecar .txt captions)."
-        )
-    root = data.get("root")
-    if root is not None and not Path(str(root)).is_dir():
-        raise MissingPathError(
-            f"data.root={root} is not a folder: point data.root at a folder of images with sidecar "
-            ".txt captions."
-        )
+    """Data paths must be set and exist (data modules index them after the model builds)."""
+    for key, (is_folder, what) in _DATA_PATHS.items():
+        if key not in data.keys():  # noqa: SIM118 (`in` alone is False for a ??? value)
+            continue
+        if OmegaConf.is_missing(data, key):
+            raise ConfigError(f"data.{key} is not set: add data.{key}=/path ({what}).")
+        path = Path(str(data[key]))
+        if data[key] is not None and not (path.is_dir() if is_folder else path.is_file()):
+            raise MissingPathError(f"data.{key}={data[key]} does not exist: point data.{key} at {what}.")
 
 
 def _unet_levels(cfg: DictConfig) -> int | None:

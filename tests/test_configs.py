@@ -6,6 +6,7 @@ that cannot work must fail in `validate_config` (one line naming the key) before
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,6 +60,8 @@ def image_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("images")
     Image.new("RGB", (96, 80), (200, 40, 40)).save(root / "red.png")
     (root / "red.txt").write_text("a red square")
+    captions = {"images": [{"id": 1, "file_name": "red.png"}], "annotations": [{"image_id": 1, "caption": "a red square"}]}
+    (root / "captions.json").write_text(json.dumps(captions))
     return str(root)
 
 
@@ -66,6 +69,8 @@ def _required_overrides(group: str, name: str, tiny: str, root: str) -> list[str
     """The values a file leaves for the command line (`???`), as a user would give them."""
     if (group, name) == ("data", "folder"):
         return [f"data.root={root}"]
+    if (group, name) == ("data", "coco"):
+        return [f"data.captions_file={root}/captions.json", f"data.image_root={root}"]
     if (group, name) == ("experiment", "sdxl"):
         return [f"model.path={tiny}", f"data.root={root}"]
     return []

@@ -1,6 +1,11 @@
 """Datasets and datamodules: the procedural toy world, a folder of real images, and prompts."""
 
-from lightning_sdxl.data.datamodules import FolderDataModule, ToyWorldDataModule
+from lightning_sdxl.data.coco import CocoCaptionsDataset
+from lightning_sdxl.data.datamodules import (
+    CocoCaptionsDataModule,
+    FolderDataModule,
+    ToyWorldDataModule,
+)
 from lightning_sdxl.data.folder import IMAGE_EXTENSIONS, FolderDataset
 from lightning_sdxl.data.prompts import PromptDataset
 from lightning_sdxl.data.toy_world import (
@@ -24,6 +29,8 @@ __all__ = [
     "POSITIONS",
     "SHAPES",
     "SIZES",
+    "CocoCaptionsDataModule",
+    "CocoCaptionsDataset",
     "FolderDataModule",
     "FolderDataset",
     "PromptDataset",

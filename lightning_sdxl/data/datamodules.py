@@ -1,11 +1,13 @@
-"""LightningDataModules: the toy world (CPU-sized experiments) and a folder of real images."""
+"""LightningDataModules: the toy world (CPU-sized experiments), a folder of real images, and a
+COCO-style captions file."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from lightning_sdxl.data.coco import CocoCaptionsDataset
 from lightning_sdxl.data.folder import FolderDataset
 from lightning_sdxl.data.prompts import PromptDataset
 from lightning_sdxl.data.toy_world import ToyWorld
@@ -83,22 +85,24 @@ class FolderDataModule(L.LightningDataModule):
         num_val_prompts: validation prompts, the captions of the first items in sorted order
             (fewer if the folder holds fewer); their seeds are 0, 1, ...
         seed: seed of the training shuffle.
+        dataset: a ready dataset with the same contract and a `caption(i)` (subclasses).
     """
 
     def __init__(
         self,
-        root: str,
+        root: str | None,
         resolution: int = 1024,
         batch_size: int = 4,
         num_workers: int = 4,
         num_val_prompts: int = 8,
         seed: int = 0,
+        dataset: Dataset | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["dataset"])
         if num_val_prompts < 1:
             raise ValueError(f"need num_val_prompts >= 1, got {num_val_prompts}")
-        self.dataset = FolderDataset(root, resolution)
+        self.dataset = dataset if dataset is not None else FolderDataset(root, resolution)
         num_val = min(num_val_prompts, len(self.dataset))
         self.val_prompts = [self.dataset.caption(i) for i in range(num_val)]
         self.val_seeds = list(range(num_val))
@@ -124,3 +128,32 @@ class FolderDataModule(L.LightningDataModule):
     def validation_images(self) -> torch.Tensor:
         """The (N, 3, R, R) crops in [-1, 1] whose captions are the validation prompts."""
         return torch.stack([self.dataset[i]["pixel_values"] for i in range(len(self.val_prompts))])
+
+
+class CocoCaptionsDataModule(FolderDataModule):
+    """A COCO-style captions file with image paths (see CocoCaptionsDataset); its first captions
+    validate and evaluate (the paper: the first 10K COCO val captions and their images).
+
+    Args:
+        captions_file: COCO captions JSON.
+        image_root: folder of the images it names.
+        max_captions: keep the first this many captions (None: all).
+        Others: as FolderDataModule.
+    """
+
+    def __init__(
+        self,
+        captions_file: str,
+        image_root: str,
+        resolution: int = 1024,
+        batch_size: int = 4,
+        num_workers: int = 4,
+        num_val_prompts: int = 8,
+        seed: int = 0,
+        max_captions: int | None = None,
+    ) -> None:
+        super().__init__(
+            root=None, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
+            num_val_prompts=num_val_prompts, seed=seed,
+            dataset=CocoCaptionsDataset(captions_file, image_root, resolution, max_captions),
+        )

@@ -94,14 +94,20 @@ class FolderDataset(Dataset):
         return self._caption_path(self.images[i]).read_text(encoding="utf-8").strip()
 
     def __getitem__(self, i: int) -> dict:
-        with Image.open(self.images[i]) as file:
-            image = ImageOps.exif_transpose(file).convert("RGB")  # upright, as viewers show it
-        w, h = image.size
-        crop, top, left = resize_and_center_crop(image, self.resolution)
-        pixels = np.asarray(crop).transpose(2, 0, 1).astype(np.float32, order="C")  # (3, R, R)
-        return {
-            "pixel_values": torch.from_numpy(pixels / np.float32(127.5) - np.float32(1)),  # [-1, 1]
-            "prompt": self.caption(i),
-            "original_size": torch.tensor([h, w], dtype=torch.int64),  # (2,) source (h, w)
-            "crop_top_left": torch.tensor([top, left], dtype=torch.int64),  # (2,) in resized image
-        }
+        return captioned_image(self.images[i], self.caption(i), self.resolution)
+
+
+def captioned_image(path: Path, caption: str, resolution: int) -> dict:
+    """A training item (the data contract): the R x R centre crop in [-1, 1], its caption, and the
+    original size and crop offset for SDXL's micro-conditioning."""
+    with Image.open(path) as file:
+        image = ImageOps.exif_transpose(file).convert("RGB")  # upright, as viewers show it
+    w, h = image.size
+    crop, top, left = resize_and_center_crop(image, resolution)
+    pixels = np.asarray(crop).transpose(2, 0, 1).astype(np.float32, order="C")  # (3, R, R)
+    return {
+        "pixel_values": torch.from_numpy(pixels / np.float32(127.5) - np.float32(1)),  # [-1, 1]
+        "prompt": caption,
+        "original_size": torch.tensor([h, w], dtype=torch.int64),  # (2,) source (h, w)
+        "crop_top_left": torch.tensor([top, left], dtype=torch.int64),  # (2,) in resized image
+    }
