@@ -3,16 +3,21 @@
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lightning_sdxl.errors import ConfigError
+from lightning_sdxl.recipe import run_recipe
 from lightning_sdxl.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
-        train(cfg)
+        if cfg.get("recipe"):  # experiment=toy_recipe / sdxl_recipe: every stage and phase in turn
+            run_recipe(cfg, list(HydraConfig.get().overrides.task))
+        else:
+            train(cfg)
     except ConfigError as error:  # includes missing weights folders and data roots
         print(f"Config error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -82,6 +82,16 @@ def validate_config(cfg: DictConfig) -> None:
         f"experiment=toy is scaled for the tiny model, not model={cfg.model.name}: "
         "add experiment=sdxl (the paper's settings) or ~experiment (no preset).",
     )
+    start = stage.get("start_timesteps")
+    _require(
+        start is None or start == "all" or (OmegaConf.is_list(start) and len(start) > 0),
+        f"stage.start_timesteps={start}: a list of timesteps, 'all', or null (the student's grid).",
+    )
+    init = cfg.get("student_init")
+    if init is not None and not Path(str(init)).exists():
+        raise MissingPathError(
+            f"student_init={init} does not exist: give a LoRA file (student=lora) or a UNet folder (student=full)."
+        )
     _check_data_root(cfg.data)
     if cfg.model.path is not None:
         try:

@@ -69,6 +69,7 @@ class DistillationModule(L.LightningModule):
         accumulate_grad_batches: batches whose gradients are summed (averaged) per optimizer step.
         resolution: image size in pixels (target size of the micro-conditioning).
         validation_teacher_steps: the teacher's steps in validation grids (None: teacher_steps).
+        student_init: a LoRA file or UNet folder the student starts from (None: the teacher).
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class DistillationModule(L.LightningModule):
         accumulate_grad_batches: int = 1,
         resolution: int = 1024,
         validation_teacher_steps: int | None = None,
+        student_init: str | None = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -136,7 +138,7 @@ class DistillationModule(L.LightningModule):
             else None
         )
         self.pair = StudentTeacher(
-            components.unet, student_type, lora_rank, lora_alpha, tuple(lora_target_modules), dtype
+            components.unet, student_type, lora_rank, lora_alpha, tuple(lora_target_modules), dtype, student_init
         )
         if gradient_checkpointing:
             self.pair.unet.enable_gradient_checkpointing()

@@ -71,7 +71,7 @@ def _required_overrides(group: str, name: str, tiny: str, root: str) -> list[str
         return [f"data.root={root}"]
     if (group, name) == ("data", "coco"):
         return [f"data.captions_file={root}/captions.json", f"data.image_root={root}"]
-    if (group, name) == ("experiment", "sdxl"):
+    if (group, name) in (("experiment", "sdxl"), ("experiment", "sdxl_recipe")):
         return [f"model.path={tiny}", f"data.root={root}"]
     return []
 

@@ -14,7 +14,8 @@ class StageGrid:
         teacher_steps: A, the teacher's step count.
         student_steps: B, the student's step count (A must be a multiple of B).
         start_timesteps: multi-timestep training starts (e.g. [249, 499, 749, 999] for the 1- and
-            2-step stages); None trains from the student's own trailing grid.
+            2-step stages); "all" for every timestep (the x0 conversion, METHOD.md 4); None trains
+            from the student's own trailing grid.
         num_train_timesteps: 1000 for SDXL.
     """
 
@@ -22,7 +23,7 @@ class StageGrid:
         self,
         teacher_steps: int,
         student_steps: int,
-        start_timesteps: list[int] | None = None,
+        start_timesteps: list[int] | str | None = None,
         num_train_timesteps: int = 1000,
     ):
         if student_steps < 1 or teacher_steps % student_steps:
@@ -33,6 +34,8 @@ class StageGrid:
         self.teacher_steps, self.student_steps = teacher_steps, student_steps
         self.substeps = teacher_steps // student_steps
         self.jump = num_train_timesteps / student_steps
+        if start_timesteps == "all":
+            start_timesteps = list(range(num_train_timesteps))
         if start_timesteps:
             if not all(0 <= t < num_train_timesteps for t in start_timesteps):
                 raise ValueError(f"stage.start_timesteps {start_timesteps} must lie in [0, {num_train_timesteps}).")

@@ -7,7 +7,8 @@ from contextlib import contextmanager
 
 import torch
 from diffusers import UNet2DConditionModel
-from peft import LoraConfig
+from peft import LoraConfig, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 
 from lightning_sdxl.models.conditioning import SDXLCondition
@@ -46,6 +47,9 @@ class StudentTeacher(nn.Module):
         lora_alpha: LoRA alpha; None means alpha = rank (scale 1).
         lora_target_modules: module name suffixes that get adapters.
         teacher_dtype: dtype of the frozen teacher weights (the student trains in float32).
+        student_init: start the student elsewhere than at the teacher (the recipe's phases b and
+            c, METHOD.md 2): a LoRA file (diffusers/peft format, as `export.py` writes) for a LoRA
+            student, or a diffusers UNet folder for a full student. None: the teacher itself.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class StudentTeacher(nn.Module):
         lora_alpha: float | None = None,
         lora_target_modules: tuple[str, ...] = LCM_LORA_TARGET_MODULES,
         teacher_dtype: torch.dtype = torch.float32,
+        student_init: str | None = None,
     ):
         super().__init__()
         if student_type not in ("lora", "full"):
@@ -70,12 +75,16 @@ class StudentTeacher(nn.Module):
                 target_modules=list(lora_target_modules),
             )
             unet.add_adapter(config)
+            if student_init:
+                load_lora_into(unet, student_init)
             for parameter in unet.parameters():
                 if parameter.requires_grad:
                     parameter.data = parameter.data.float()  # adapters train in float32
             self.teacher_unet = None
         else:
             self.teacher_unet = copy.deepcopy(unet).requires_grad_(False).to(teacher_dtype).eval()
+            if student_init:
+                unet = UNet2DConditionModel.from_pretrained(student_init, use_safetensors=True)
             unet.requires_grad_(True).float()
         self.unet = unet
 
@@ -120,3 +129,17 @@ def _cast(condition: SDXLCondition, dtype: torch.dtype) -> SDXLCondition:
         condition.pooled_prompt_embeds.to(dtype),
         condition.add_time_ids.to(dtype),
     )
+
+
+def load_lora_into(unet: UNet2DConditionModel, path: str) -> None:
+    """Load a LoRA file written by `export.py` (peft names under `unet.`) into the UNet's adapter."""
+    state = load_file(path)
+    state = {key.removeprefix("unet."): value for key, value in state.items()}
+    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    unexpected = [key for key in result.unexpected_keys if "lora_" in key]
+    loaded = sum(1 for key in state if "lora_" in key)
+    if unexpected or not loaded:
+        raise ValueError(
+            f"student_init={path} does not fit this LoRA student ({len(unexpected)} unexpected keys, "
+            f"{loaded} loaded): use the same lora_rank and target modules as the run that wrote it."
+        )
