@@ -144,6 +144,7 @@ class DistillationModule(L.LightningModule):
             self.pair.unet.enable_gradient_checkpointing()
         self.renoiser = Renoiser(list(renoise_timesteps), list(renoise_weights))
         self.validation_outputs: list[dict[str, torch.Tensor]] = []
+        self.teacher_samples: dict[tuple, torch.Tensor] = {}  # validation batch -> teacher latents
         self.strict_loading = False  # checkpoints hold trainable weights only (on_save_checkpoint)
 
     # ---- data ----------------------------------------------------------------------------------
@@ -287,8 +288,12 @@ class DistillationModule(L.LightningModule):
         return sample(self.pair.student, self.schedule, self.student_prediction, noise, num_steps, condition)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        teacher_steps = self.hparams.validation_teacher_steps or self.hparams.teacher_steps
-        teacher = self.generate(batch["prompt"], batch["seed"], "teacher", teacher_steps)
+        # The frozen teacher's samples of the fixed prompts and seeds never change: generate once.
+        key = (tuple(batch["prompt"]), tuple(batch["seed"].tolist()))
+        if key not in self.teacher_samples:
+            teacher_steps = self.hparams.validation_teacher_steps or self.hparams.teacher_steps
+            self.teacher_samples[key] = self.generate(batch["prompt"], batch["seed"], "teacher", teacher_steps).cpu()
+        teacher = self.teacher_samples[key].to(self.device)
         student = self.generate(batch["prompt"], batch["seed"], "student", self.hparams.student_steps)
         self.log("val/latent_mse_to_teacher", torch.mean((student - teacher) ** 2), sync_dist=True)
         self.validation_outputs.append(

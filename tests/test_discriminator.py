@@ -9,31 +9,15 @@ from torch.nn import functional as F
 
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.discriminator import Discriminator, DiscriminatorHead, UNetEncoder
+from lightning_sdxl.models.tiny import build_tiny_sdxl
 
 B, H, W = 2, 16, 16
 POOLED_DIM, TEXT_DIM = 32, 64
 
 
 def tiny_unet() -> UNet2DConditionModel:
-    """diffusers' own tiny SDXL test UNet (80 = 32 pooled + 6 x 8 time ids)."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,
-        cross_attention_dim=TEXT_DIM,
-        norm_num_groups=32,
-    )
+    """The project's tiny SDXL UNet (80 = 32 pooled + 6 x 8 time ids), SDXL's architecture at toy size."""
+    return build_tiny_sdxl(seed=0).unet
 
 
 @pytest.fixture(scope="module", autouse=True)

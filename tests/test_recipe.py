@@ -6,11 +6,10 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from conftest import CPU_OVERRIDES, compose_config
 from diffusers import StableDiffusionXLPipeline
 
 from lightning_sdxl.recipe import DONE, recipe_phases, run_recipe
-
-from conftest import CPU_OVERRIDES, compose_config
 
 
 def test_paper_recipe_phase_order():

@@ -34,6 +34,7 @@ class SDXLTextEncoder(nn.Module):
         self.text_encoder_2 = text_encoder_2.requires_grad_(False).eval()
         self.tokenizers = (tokenizer, tokenizer_2)
         self.zero_empty_prompt = zero_empty_prompt
+        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None  # "" encoded once per device
 
     def train(self, mode: bool = True) -> SDXLTextEncoder:
         """Frozen: always in eval mode (no dropout), whatever the trainer asks."""
@@ -63,10 +64,16 @@ class SDXLTextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_unconditional(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings of the empty prompt (classifier-free guidance's negative), repeated."""
-        prompt_embeds, pooled = self.encode([""])
-        if self.zero_empty_prompt:
-            prompt_embeds, pooled = torch.zeros_like(prompt_embeds), torch.zeros_like(pooled)
+        """Embeddings of the empty prompt (classifier-free guidance's negative), repeated.
+
+        Encoded once and kept: the teacher of stage 128 to 32 needs them at every batch.
+        """
+        if self._empty is None or self._empty[0].device != self.text_encoder.device:
+            prompt_embeds, pooled = self.encode([""])
+            if self.zero_empty_prompt:
+                prompt_embeds, pooled = torch.zeros_like(prompt_embeds), torch.zeros_like(pooled)
+            self._empty = (prompt_embeds, pooled)
+        prompt_embeds, pooled = self._empty
         return prompt_embeds.expand(batch_size, -1, -1), pooled.expand(batch_size, -1)
 
 
