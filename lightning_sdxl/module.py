@@ -170,14 +170,13 @@ class DistillationModule(L.LightningModule):
         if original_size is None:
             original_size = torch.tensor([[size, size]] * batch, device=self.device)
             crop_top_left = torch.zeros(batch, 2, dtype=torch.long, device=self.device)
-        condition = build_condition(self.text_encoder, prompts, original_size, crop_top_left, (size, size))
-        return SDXLCondition(*(tensor.float() for tensor in vars(condition).values()))
+        return build_condition(self.text_encoder, prompts, original_size, crop_top_left, (size, size)).to(torch.float32)
 
     def uncondition(self, condition: SDXLCondition) -> SDXLCondition | None:
         """The empty-prompt condition when the teacher uses CFG (stage 128 to 32), else None."""
         if self.hparams.guidance_scale <= 1.0:
             return None
-        return SDXLCondition(*(tensor.float() for tensor in vars(unconditional_like(self.text_encoder, condition)).values()))
+        return unconditional_like(self.text_encoder, condition).to(torch.float32)
 
     # ---- training ------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, open_dict
 
+from lightning_sdxl.callbacks.progress import BatchProgressBar
 from lightning_sdxl.config_checks import validate_config
 from lightning_sdxl.errors import instantiate_checked
 from lightning_sdxl.io import AtomicCheckpointIO
@@ -32,6 +33,8 @@ def _multi_device(trainer_cfg: DictConfig) -> bool:
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     """The Trainer of `cfg.trainer` with the derived step counts and checkpoint writer."""
     kwargs = {"max_steps": optimizer_steps(cfg, cfg.steps)}
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [*callbacks, BatchProgressBar()]
     if cfg.trainer.strategy == "auto" and _multi_device(cfg.trainer):
         # The generator and discriminator steps each leave the other's weights without gradients.
         kwargs["strategy"] = DDPStrategy(find_unused_parameters=True)

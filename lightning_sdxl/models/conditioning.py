@@ -29,6 +29,12 @@ class SDXLCondition:
             "added_cond_kwargs": {"text_embeds": self.pooled_prompt_embeds, "time_ids": self.add_time_ids},
         }
 
+    def to(self, dtype: torch.dtype) -> SDXLCondition:
+        """The same condition in another dtype (text encoders may run in bf16, the UNet in fp32)."""
+        return SDXLCondition(
+            self.prompt_embeds.to(dtype), self.pooled_prompt_embeds.to(dtype), self.add_time_ids.to(dtype)
+        )
+
     def cat(self, other: SDXLCondition) -> SDXLCondition:
         """Batch two conditions along dim 0 (e.g. uncond and cond for one CFG forward)."""
         return SDXLCondition(

@@ -104,7 +104,7 @@ class StudentTeacher(nn.Module):
         with self.teacher_mode():
             unet = self.teacher_unet or self.unet
             dtype = next(unet.parameters()).dtype
-            kwargs = _cast(condition, dtype).unet_kwargs
+            kwargs = condition.to(dtype).unet_kwargs
             return unet(x_t.to(dtype), t, **kwargs, return_dict=False)[0].to(x_t.dtype)
 
     @contextmanager
@@ -121,14 +121,6 @@ class StudentTeacher(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [parameter for parameter in self.unet.parameters() if parameter.requires_grad]
-
-
-def _cast(condition: SDXLCondition, dtype: torch.dtype) -> SDXLCondition:
-    return SDXLCondition(
-        condition.prompt_embeds.to(dtype),
-        condition.pooled_prompt_embeds.to(dtype),
-        condition.add_time_ids.to(dtype),
-    )
 
 
 def load_lora_into(unet: UNet2DConditionModel, path: str) -> None:
