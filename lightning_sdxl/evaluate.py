@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from lightning_sdxl.callbacks.metrics import reference_id
 from lightning_sdxl.diffusion.prediction import get_prediction
-from lightning_sdxl.diffusion.sampler import sample
+from lightning_sdxl.diffusion.sampler import sample, seeded_noise
 from lightning_sdxl.diffusion.schedule import NoiseSchedule
 from lightning_sdxl.diffusion.solver import unet_fn
 from lightning_sdxl.errors import ConfigError, MissingPathError, instantiate_checked
@@ -34,6 +34,7 @@ from lightning_sdxl.metrics import ReferenceStatsCache, prepare_reference
 from lightning_sdxl.models.loading import check_pipeline_folder, load_sdxl
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
+from lightning_sdxl.models.vae import decode_latents
 
 log = logging.getLogger(__name__)
 KINDS = ("teacher", "checkpoint", "unet", "lora")
@@ -133,7 +134,6 @@ def generate_images(
     missing = [index for index, path in enumerate(paths) if not path.exists()]
     device = next(model.unet.parameters()).device
     prediction = get_prediction(model.prediction_type)
-    config = model.vae.config
     for start in tqdm(range(0, len(missing), batch_size), desc=f"{model.name} {num_steps} steps: generate"):
         batch = missing[start : start + batch_size]
         size = torch.tensor([[resolution, resolution]] * len(batch), device=device)
@@ -141,16 +141,11 @@ def generate_images(
             model.text_encoder, [prompts[i] for i in batch], size, torch.zeros_like(size), (resolution, resolution)
         )
         uncondition = unconditional_like(model.text_encoder, condition) if guidance_scale > 1 else None
-        noise = torch.stack([
-            torch.randn(4, resolution // 8, resolution // 8, generator=torch.Generator().manual_seed(seeds[i]))
-            for i in batch
-        ]).to(device)
+        noise = seeded_noise([seeds[i] for i in batch], resolution // 8, device)
         latents = sample(
             unet_fn(model.unet), model.schedule, prediction, noise, num_steps, condition, uncondition, guidance_scale
         )
-        shift = getattr(config, "shift_factor", None) or 0.0
-        images = model.vae.decode(latents / config.scaling_factor + shift).sample.float() / 2 + 0.5
-        for index, image in zip(batch, images.clamp(0, 1)):
+        for index, image in zip(batch, decode_latents(model.vae, latents)):
             with atomic_path(paths[index]) as temporary:
                 save_image(image, temporary, format="png")
     return paths

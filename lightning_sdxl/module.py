@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_sdxl.diffusion.prediction import get_prediction
-from lightning_sdxl.diffusion.sampler import sample
+from lightning_sdxl.diffusion.sampler import sample, seeded_noise
 from lightning_sdxl.diffusion.schedule import CLEAN, NoiseSchedule
 from lightning_sdxl.diffusion.solver import move, solve
 from lightning_sdxl.diffusion.stage_grid import StageGrid
@@ -29,6 +29,7 @@ from lightning_sdxl.models.discriminator import Discriminator
 from lightning_sdxl.models.loading import load_sdxl
 from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeacher
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
+from lightning_sdxl.models.vae import decode_latents, encode_images
 
 LOSSES = ("mse", "cond_adv", "uncond_adv")
 
@@ -149,21 +150,13 @@ class DistillationModule(L.LightningModule):
 
     # ---- data ----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) in [-1, 1] -> scaled VAE latents x0 (B, 4, R/8, R/8)."""
-        config = self.vae.config
-        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
-        shift = getattr(config, "shift_factor", None) or 0.0
-        return ((latents - shift) * config.scaling_factor).float()
+        return encode_images(self.vae, pixel_values)
 
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images (B, 3, R, R) in [0, 1]."""
-        config = self.vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
-        images = self.vae.decode((latents / config.scaling_factor + shift).to(self.vae.dtype)).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(self.vae, latents)
 
     def condition(self, prompts: list[str], original_size=None, crop_top_left=None) -> SDXLCondition:
         batch, size = len(prompts), self.hparams.resolution
@@ -270,9 +263,7 @@ class DistillationModule(L.LightningModule):
 
     def initial_noise(self, seeds: torch.Tensor) -> torch.Tensor:
         """Per-seed noise (B, 4, R/8, R/8), identical on any device and batch composition."""
-        size = self.hparams.resolution // 8
-        noise = [torch.randn(4, size, size, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
-        return torch.stack(noise).to(self.device)
+        return seeded_noise(seeds.tolist(), self.hparams.resolution // 8, self.device)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: torch.Tensor, model: str, num_steps: int) -> torch.Tensor:

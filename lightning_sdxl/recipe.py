@@ -35,10 +35,10 @@ from lightning_sdxl.train import train
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 DONE = "DONE"
-# Keys each phase sets itself; the user's own values for them are dropped from the phase overrides.
-PHASE_KEYS = (
-    "stage", "loss", "student", "prediction", "student_init", "model.path", "ckpt_path", "output_dir", "experiment", "recipe",
-)
+# Keys each phase sets itself; the user's own values for them are dropped from the phase overrides
+# (group choices and paths only: `student.lr=...` or `loss.renoise_weights=...` pass through).
+PHASE_KEYS = {"stage", "loss", "student", "prediction", "student_init", "model.path", "ckpt_path", "output_dir", "experiment"}
+RECIPE_PREFIXES = ("recipe", "hydra")
 
 
 @dataclass
@@ -100,7 +100,7 @@ def _user_overrides(overrides: list[str]) -> list[str]:
     def key(override: str) -> str:
         return override.split("=", 1)[0].lstrip("+~")
 
-    return [o for o in overrides if not key(o).startswith(PHASE_KEYS) and not key(o).startswith("hydra")]
+    return [o for o in overrides if key(o) not in PHASE_KEYS and not key(o).startswith(RECIPE_PREFIXES)]
 
 
 def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Callback] = ()) -> Path:

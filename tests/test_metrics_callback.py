@@ -74,3 +74,28 @@ def test_missing_metric_weights_are_one_line_on_the_command_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("Config error:")]
     assert len(errors) == 1 and "FID Inception weights not found" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_metrics_callback_under_ddp_two_cpu_processes(tmp_path, tiny_clip):  # noqa: F811
+    """callbacks=metrics through the CLI with 2 gloo processes: each rank scores its shard, the
+    states are synchronised, and the logged values are finite."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import CPU_OVERRIDES
+    from test_eval import metric_overrides
+
+    features = save_tiny_net(tmp_path / "features.safetensors", seed=0)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", *CPU_OVERRIDES, "callbacks=metrics", "validation.num_prompts=4",
+         "trainer.devices=2", "trainer.accelerator=cpu", f"metrics.cache_dir={tmp_path / 'stats'}",
+         *metric_overrides(features, tiny_clip), f"hydra.run.dir={run}"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = {key: float(row[key]) for row in read_metrics(run) for key in ("val/fid_whole", "val/fid_patch", "val/clip_score") if row.get(key)}
+    assert set(logged) == {"val/fid_whole", "val/fid_patch", "val/clip_score"}
+    assert all(math.isfinite(value) for value in logged.values())

@@ -73,4 +73,12 @@ def test_full_toy_recipe_runs_every_stage_and_phase(tmp_path):
     overrides = [*CPU_OVERRIDES, "experiment=toy_recipe"]
     cfg = compose_config(overrides[len(CPU_OVERRIDES):], tmp_path / "recipe")
     run_recipe(cfg, overrides)
-    assert len(list((tmp_path / "recipe").glob(f"*/{DONE}"))) == 15
+    assert len(list((tmp_path / "recipe").glob(f"*/{DONE}"))) == 14  # 128to32, 3 x 3 stages, x0, 2to1 x 3
+
+
+def test_user_overrides_reach_every_phase_except_what_phases_set():
+    from lightning_sdxl.recipe import _user_overrides
+
+    given = ["experiment=toy_recipe", "stage=8to4", "loss=mse", "student=full", "student.lr=3e-4",
+             "loss.renoise_weights=[5,1,1,1]", "model.path=/x", "recipe.stages=[2to1]", "data=folder", "data.root=/d"]
+    assert _user_overrides(given) == ["student.lr=3e-4", "loss.renoise_weights=[5,1,1,1]", "data=folder", "data.root=/d"]

@@ -15,6 +15,13 @@ def sampling_path(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tens
     return torch.cat([trailing_timesteps(num_steps, num_train_timesteps), torch.tensor([CLEAN])])
 
 
+def seeded_noise(seeds: list[int], latent_size: int, device: torch.device) -> torch.Tensor:
+    """(B, 4, S, S) noise, one CPU generator per seed: the same image for a seed on any device
+    and in any batch."""
+    noise = [torch.randn(4, latent_size, latent_size, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device)
+
+
 @torch.no_grad()
 def sample(
     model_fn: ModelFn,

@@ -1,0 +1,22 @@
+"""Pixels <-> SDXL latents through the AutoencoderKL, with its scaling (and shift) factor."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, 3, R, R) in [-1, 1] -> scaled latents x0 (B, 4, R/8, R/8), float32, a posterior sample."""
+    latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images (B, 3, R, R) in [0, 1], float32."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
