@@ -138,13 +138,15 @@ def test_every_trainable_weight_gets_optimizer_state_and_moves(make_config, tiny
     assert frozen_still == set()
 
 
-def test_discriminator_learns_to_separate_real_from_fake(make_config, tiny_sdxl_path):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_discriminator_learns_to_separate_real_from_fake(make_config, tiny_sdxl_path, seed):
     """The adversarial machinery learns: with fakes that differ from the reals (here: blurred),
     a few discriminator steps of the module's own loss drive its accuracy up."""
     from lightning_sdxl.losses import discriminator_loss
 
+    torch.manual_seed(seed)  # the head's initialisation
     module, _ = build_module(make_config, tiny_sdxl_path, "loss=uncond_adv")
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     x_real = torch.randn(8, 4, 8, 8, generator=generator)
     x_fake = torch.nn.functional.avg_pool2d(x_real, 3, stride=1, padding=1)  # smooth: no fine detail
     t = torch.full((8,), 499)
@@ -158,9 +160,9 @@ def test_discriminator_learns_to_separate_real_from_fake(make_config, tiny_sdxl_
         return ((real > 0).float().mean() + (fake < 0).float().mean()).item() / 2
 
     before = accuracy()
-    for _ in range(30):
+    for _ in range(100):
         real, fake = module.discriminator.judge(x_real, t, [x_real, x_fake], t_next, condition)
         optimizer.zero_grad()
         discriminator_loss(real, fake).backward()
         optimizer.step()
-    assert accuracy() == 1.0 and before < 1.0
+    assert accuracy() >= 0.9 > before
