@@ -23,7 +23,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from lightning_sdxl.callbacks.metrics import reference_id
+from lightning_sdxl.callbacks.metrics import check_patch_fits, reference_id
 from lightning_sdxl.diffusion.prediction import get_prediction
 from lightning_sdxl.diffusion.sampler import sample, seeded_noise
 from lightning_sdxl.diffusion.schedule import NoiseSchedule
@@ -184,6 +184,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     # Metric networks first: missing weights fail before the model loads.
     fids = {name: instantiate_checked(cfg.metrics[name]) for name in ("fid_whole", "fid_patch")}
     clip_score = instantiate_checked(cfg.metrics.clip_score)
+    check_patch_fits(fids["fid_patch"], cfg.data.resolution)
     datamodule = hydra.utils.instantiate(cfg.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model_under_test(cfg, device)

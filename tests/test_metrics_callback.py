@@ -99,3 +99,13 @@ def test_metrics_callback_under_ddp_two_cpu_processes(tmp_path, tiny_clip):  # n
     logged = {key: float(row[key]) for row in read_metrics(run) for key in ("val/fid_whole", "val/fid_patch", "val/clip_score") if row.get(key)}
     assert set(logged) == {"val/fid_whole", "val/fid_patch", "val/clip_score"}
     assert all(math.isfinite(value) for value in logged.values())
+
+
+def test_patch_larger_than_the_images_fails_before_training(make_config, tiny_clip, tmp_path):  # noqa: F811
+    from lightning_sdxl.errors import ConfigError
+
+    weights = save_tiny_net(tmp_path / "features.safetensors", seed=0)
+    metrics = make_metrics(weights, tiny_clip, tmp_path / "stats")
+    metrics.fids["fid_patch"] = FIDPatch(LocalFeatures(TinyFeatureNet(), weights, input_size=128))
+    with pytest.raises(ConfigError, match="128 px native crop, but data.resolution=64"):
+        train(make_config(), extra_callbacks=[metrics])

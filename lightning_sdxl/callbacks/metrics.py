@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import lightning as L
 import torch
 
+from lightning_sdxl.errors import ConfigError
 from lightning_sdxl.metrics import (
     CLIPScore,
     FIDPatch,
@@ -31,6 +32,15 @@ def reference_id(datamodule: L.LightningDataModule) -> str:
         files = [(str(path), path.stat().st_mtime_ns) for path in dataset.images]
         settings["files"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
     return f"{type(datamodule).__name__}:{json.dumps(settings, sort_keys=True, default=str)}"
+
+
+def check_patch_fits(fid_patch: FIDPatch | None, resolution: int) -> None:
+    """FID-Patch crops at native resolution: the images must be at least the extractor's input."""
+    if fid_patch is not None and resolution < fid_patch.size:
+        raise ConfigError(
+            f"FID-Patch takes a {fid_patch.size} px native crop, but data.resolution={resolution}: "
+            "raise the resolution or use a patch extractor with a smaller input."
+        )
 
 
 class DistillationMetrics(L.Callback):
@@ -70,6 +80,9 @@ class DistillationMetrics(L.Callback):
         images = trainer.datamodule.validation_images()[trainer.global_rank :: trainer.world_size]
         for start in range(0, len(images), self.reference_batch_size):
             yield (images[start : start + self.reference_batch_size] + 1) / 2  # [-1, 1] -> [0, 1]
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_patch_fits(self.fids.get("fid_patch"), pl_module.hparams.resolution)  # before any step
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for metric in self._metrics():
