@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import hydra
 import lightning as L
@@ -16,6 +17,11 @@ from lightning_sdxl.io import AtomicCheckpointIO
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
 
 log = logging.getLogger(__name__)
+
+# Lightning warnings that describe this design, not a problem: the frozen teacher, VAE and text
+# encoders are in eval mode on purpose, and manual-optimization checkpoints hold post-step weights.
+for _message in (r"Found \d+ module\(s\) in eval mode", r"Using ModelCheckpoint with manual optimization"):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 def optimizer_steps(cfg: DictConfig, batches: int) -> int:
