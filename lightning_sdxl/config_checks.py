@@ -12,8 +12,10 @@ from lightning_sdxl.errors import ConfigError, MissingPathError
 from lightning_sdxl.models.discriminator import DiscriminatorHead
 from lightning_sdxl.models.loading import check_pipeline_folder
 from lightning_sdxl.models.tiny import TINY_BLOCK_OUT_CHANNELS
+from lightning_sdxl.models.vae import vae_scale_factor
 
 VALID_DTYPES = ("float32", "bfloat16", "float16")
+ADVERSARIAL_LOSSES = ("cond_adv", "uncond_adv")
 
 
 
@@ -56,9 +58,10 @@ def validate_config(cfg: DictConfig) -> None:
         f"optim.accumulate_grad_batches={accumulate}: must be >= 1 and divide steps={cfg.steps} and "
         f"checkpoint.every_n_steps={cfg.checkpoint.every_n_steps} (all count batches).",
     )
+    factor = _vae_factor(cfg)
     _require(
-        cfg.data.resolution % 8 == 0,
-        f"data.resolution={cfg.data.resolution} must be a multiple of 8 (the VAE downsamples by 8).",
+        cfg.data.resolution % factor == 0,
+        f"data.resolution={cfg.data.resolution} must be a multiple of {factor} (the VAE downsamples by {factor}).",
     )
     _require(
         cfg.model.frozen_dtype in VALID_DTYPES,
@@ -69,7 +72,12 @@ def validate_config(cfg: DictConfig) -> None:
         f"model.frozen_dtype={cfg.model.frozen_dtype} needs mixed precision: add "
         "trainer.precision=bf16-mixed (trainer=gpu) or set model.frozen_dtype=float32.",
     )
-    if loss.name != "mse":
+    _require(
+        (stage.name == "teacher") == (loss.name == "denoising"),
+        f"stage={stage.name} with loss={loss.name}: the denoising loss trains a teacher (stage=teacher) "
+        "and a teacher trains with it only.",
+    )
+    if loss.name in ADVERSARIAL_LOSSES:
         weights = list(loss.renoise_weights)
         _require(
             len(weights) == len(loss.renoise_timesteps) and min(weights) >= 0 and sum(weights) > 0,
@@ -78,8 +86,8 @@ def validate_config(cfg: DictConfig) -> None:
         _require(cfg.discriminator.head_blocks >= 0, "discriminator.head_blocks must be >= 0.")
     experiment = cfg.get("experiment_name")
     _require(
-        not (experiment == "toy" and cfg.model.name != "tiny"),
-        f"experiment=toy is scaled for the tiny model, not model={cfg.model.name}: "
+        not (experiment == "toy" and cfg.model.name not in ("toy", "tiny")),
+        f"experiment=toy is scaled for the toy and tiny models, not model={cfg.model.name}: "
         "add experiment=sdxl (the paper's settings) or ~experiment (no preset).",
     )
     start = stage.get("start_timesteps")
@@ -97,8 +105,9 @@ def validate_config(cfg: DictConfig) -> None:
         try:
             check_pipeline_folder(str(cfg.model.path))
         except FileNotFoundError as error:
-            raise MissingPathError(str(error)) from error
-    if loss.name != "mse":
+            hint = " (the toy teacher: regenerate it with python -m lightning_sdxl.toy.build_teacher)"
+            raise MissingPathError(str(error) + (hint if cfg.model.name == "toy" else "")) from error
+    if loss.name in ADVERSARIAL_LOSSES:
         _check_discriminator_fits(cfg)
 
 
@@ -122,12 +131,24 @@ def _check_data_root(data: DictConfig) -> None:
             raise MissingPathError(f"data.{key}={data[key]} does not exist: point data.{key} at {what}.")
 
 
+def _component_config(cfg: DictConfig, component: str) -> dict | None:
+    """A local model folder's `<component>/config.json`, else None (hub ids, tiny not yet built)."""
+    path = cfg.model.path
+    config = Path(str(path)) / component / "config.json" if path is not None else None
+    return json.loads(config.read_text()) if config is not None and config.exists() else None
+
+
+def _vae_factor(cfg: DictConfig) -> int:
+    """The VAE's downsampling factor (8 unless a local folder says otherwise)."""
+    vae = _component_config(cfg, "vae")
+    return vae_scale_factor(vae) if vae else 8
+
+
 def _unet_levels(cfg: DictConfig) -> int | None:
     """The UNet's stride-2 levels: a local folder's unet config, else the tiny model's, else None."""
-    path = cfg.model.path
-    unet_config = Path(str(path)) / "unet" / "config.json" if path is not None else None
-    if unet_config is not None and unet_config.exists():
-        return len(json.loads(unet_config.read_text())["block_out_channels"]) - 1
+    unet = _component_config(cfg, "unet")
+    if unet:
+        return len(unet["block_out_channels"]) - 1
     return len(TINY_BLOCK_OUT_CHANNELS) - 1 if cfg.model.name == "tiny" else None
 
 
@@ -136,7 +157,7 @@ def _check_discriminator_fits(cfg: DictConfig) -> None:
     levels = _unet_levels(cfg)
     if levels is None:
         return
-    feature_size = cfg.data.resolution // 8 // 2**levels
+    feature_size = cfg.data.resolution // _vae_factor(cfg) // 2**levels
     needed = DiscriminatorHead.min_input_size(cfg.discriminator.head_blocks)
     _require(
         feature_size >= needed,

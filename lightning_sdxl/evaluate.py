@@ -34,7 +34,7 @@ from lightning_sdxl.metrics import ReferenceStatsCache, prepare_reference
 from lightning_sdxl.models.loading import check_pipeline_folder, load_sdxl
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
-from lightning_sdxl.models.vae import decode_latents
+from lightning_sdxl.models.vae import decode_latents, vae_scale_factor
 
 log = logging.getLogger(__name__)
 KINDS = ("teacher", "checkpoint", "unet", "lora")
@@ -141,7 +141,7 @@ def generate_images(
             model.text_encoder, [prompts[i] for i in batch], size, torch.zeros_like(size), (resolution, resolution)
         )
         uncondition = unconditional_like(model.text_encoder, condition) if guidance_scale > 1 else None
-        noise = seeded_noise([seeds[i] for i in batch], resolution // 8, device)
+        noise = seeded_noise([seeds[i] for i in batch], resolution // vae_scale_factor(model.vae.config), device)
         latents = sample(
             unet_fn(model.unet), model.schedule, prediction, noise, num_steps, condition, uncondition, guidance_scale
         )

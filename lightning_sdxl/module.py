@@ -29,7 +29,7 @@ from lightning_sdxl.models.discriminator import Discriminator
 from lightning_sdxl.models.loading import load_sdxl
 from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeacher
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
-from lightning_sdxl.models.vae import decode_latents, encode_images
+from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
 
 LOSSES = ("mse", "cond_adv", "uncond_adv")
 
@@ -122,6 +122,7 @@ class DistillationModule(L.LightningModule):
         self.teacher_prediction = get_prediction(components.scheduler_config.get("prediction_type", "epsilon"))
         self.student_prediction = get_prediction(prediction_type or self.teacher_prediction.name)
         self.vae = components.vae.requires_grad_(False).to(dtype).eval()
+        self.latent_size = resolution // vae_scale_factor(self.vae.config)
         self.text_encoder = SDXLTextEncoder(
             components.text_encoder.to(dtype),
             components.text_encoder_2.to(dtype),
@@ -151,7 +152,7 @@ class DistillationModule(L.LightningModule):
     # ---- data ----------------------------------------------------------------------------------
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, R, R) in [-1, 1] -> scaled VAE latents x0 (B, 4, R/8, R/8)."""
+        """(B, 3, R, R) in [-1, 1] -> scaled VAE latents x0 (B, 4, R/f, R/f), f the VAE's factor."""
         return encode_images(self.vae, pixel_values)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,7 @@ class DistillationModule(L.LightningModule):
         return optimizer_steps * self.hparams.accumulate_grad_batches
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        x0 = self.encode_images(batch["pixel_values"])  # (B, 4, H/8, W/8)
+        x0 = self.encode_images(batch["pixel_values"])  # (B, 4, R/f, R/f)
         condition = self.condition(batch["prompt"], batch["original_size"], batch["crop_top_left"])
         path = self.grid.draw(len(x0)).to(self.device)  # (n + 1, B): t, teacher substeps, t'
         t, t_next = path[0], path[-1]
@@ -262,8 +263,8 @@ class DistillationModule(L.LightningModule):
     # ---- validation: fixed prompts and seeds, teacher beside student ---------------------------
 
     def initial_noise(self, seeds: torch.Tensor) -> torch.Tensor:
-        """Per-seed noise (B, 4, R/8, R/8), identical on any device and batch composition."""
-        return seeded_noise(seeds.tolist(), self.hparams.resolution // 8, self.device)
+        """Per-seed noise (B, 4, R/f, R/f), identical on any device and batch composition."""
+        return seeded_noise(seeds.tolist(), self.latent_size, self.device)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: torch.Tensor, model: str, num_steps: int) -> torch.Tensor:
@@ -292,6 +293,12 @@ class DistillationModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.validation_outputs.clear()
+
+    def export(self, out_dir, dtype: torch.dtype = torch.float32) -> None:
+        """The student's exports (lightning_sdxl/export.py), written atomically into `out_dir`."""
+        from lightning_sdxl.export import export_student  # export.py reads this module's classes
+
+        export_student(self, out_dir, dtype)
 
     # ---- checkpoints: trainable weights only ---------------------------------------------------
 

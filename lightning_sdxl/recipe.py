@@ -68,10 +68,13 @@ def recipe_phases(recipe: DictConfig) -> list[Phase]:
                 ends_stage=True, extra=list(recipe.mse_overrides),
             ))
             prediction = ["prediction=sample"]
+        # recipe.adversarial=false: the same phases with loss=mse (the toy Table 2's baseline).
+        a, b = ("cond_adv", "uncond_adv") if recipe.get("adversarial", True) else ("mse", "mse")
+        name = {"cond_adv": "cond", "uncond_adv": "uncond", "mse": "mse"}
         phases += [
-            Phase(f"{stage}_a_lora_cond", [f"stage={stage}", "loss=cond_adv", "student=lora", *prediction]),
-            Phase(f"{stage}_b_lora_uncond", [f"stage={stage}", "loss=uncond_adv", "student=lora", *prediction], "lora"),
-            Phase(f"{stage}_c_full_uncond", [f"stage={stage}", "loss=uncond_adv", "student=full", *prediction], "unet", ends_stage=True),
+            Phase(f"{stage}_a_lora_{name[a]}", [f"stage={stage}", f"loss={a}", "student=lora", *prediction]),
+            Phase(f"{stage}_b_lora_{name[b]}", [f"stage={stage}", f"loss={b}", "student=lora", *prediction], "lora"),
+            Phase(f"{stage}_c_full_{name[b]}", [f"stage={stage}", f"loss={b}", "student=full", *prediction], "unet", ends_stage=True),
         ]
     return phases
 
@@ -89,7 +92,8 @@ def assemble_teacher(base: Path, export: Path, out: Path) -> Path:
     return out
 
 
-def _compose(overrides: list[str]) -> DictConfig:
+def compose_train_config(overrides: list[str]) -> DictConfig:
+    """conf/train.yaml with `overrides`, inside or outside a running Hydra app."""
     if GlobalHydra.instance().is_initialized():  # inside python train.py (Hydra's app)
         return compose("train", overrides=overrides)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -119,7 +123,7 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
     phases = recipe_phases(cfg.recipe)
     # Every phase's config is checked before the first one trains (teachers do not exist yet).
     for phase in phases:
-        validate_config(_compose(common + phase.overrides + phase.extra + [f"model.path={base}"]))
+        validate_config(compose_train_config(common + phase.overrides + phase.extra + [f"model.path={base}"]))
     teacher, previous = base, None
     for index, phase in enumerate(phases):
         phase_dir = root / f"{index:02d}_{phase.name}"
@@ -133,7 +137,7 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
         else:
             resume = (phase_dir / "checkpoints" / "last.ckpt").exists()
             log.info("Recipe: %s (%s)", phase.name, "resuming" if resume else "starting")
-            phase_cfg = _compose(
+            phase_cfg = compose_train_config(
                 common + phase.overrides + phase.extra
                 + [f"model.path={teacher}", f"student_init={init}" if init else "student_init=null"]
                 + (["ckpt_path=last"] if resume else [])

@@ -11,7 +11,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, open_dict
 
 from lightning_sdxl.callbacks.progress import BatchProgressBar
-from lightning_sdxl.config_checks import validate_config
+from lightning_sdxl.config_checks import ADVERSARIAL_LOSSES, validate_config
 from lightning_sdxl.errors import instantiate_checked
 from lightning_sdxl.io import AtomicCheckpointIO
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
@@ -27,7 +27,7 @@ for _message in (r"Found \d+ module\(s\) in eval mode", r"Using ModelCheckpoint 
 def optimizer_steps(cfg: DictConfig, batches: int) -> int:
     """Lightning global steps for `batches` batches (the step convention of lightning_sdxl/module.py):
     2 optimizer steps per adversarial (1 per MSE) optimizer update, one update per accumulation."""
-    return batches // cfg.optim.accumulate_grad_batches * (1 if cfg.loss.name == "mse" else 2)
+    return batches // cfg.optim.accumulate_grad_batches * (2 if cfg.loss.name in ADVERSARIAL_LOSSES else 1)
 
 
 def _multi_device(trainer_cfg: DictConfig) -> bool:

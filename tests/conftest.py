@@ -21,6 +21,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 # Small enough for seconds per run on 2 cores; the code path is unchanged.
 CPU_OVERRIDES = [
+    "model=tiny",  # the random tiny SDXL at 64 px: plumbing tests (test_toy_teacher.py runs the toy default)
     "trainer=cpu",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",

@@ -43,7 +43,9 @@ FILE_IDS = [f"{group}={name}" for group, name in ALL_FILES]
 MODULE_GROUPS = ("stage", "loss", "prediction", "student", "discriminator", "optim", "model")
 # Model files that name real weights (a hub id): composed and validated, never instantiated offline.
 HUB_MODELS = ("sdxl",)
-HANDLED_GROUPS = {"data", "callbacks", "logger", "trainer", "experiment", "metrics", *MODULE_GROUPS}
+HANDLED_GROUPS = {"data", "callbacks", "logger", "trainer", "experiment", "metrics", "module", *MODULE_GROUPS}
+# Teacher training (stage=teacher: module=teacher, loss=denoising) builds the TeacherModule instead.
+TEACHER_FILES = {("stage", "teacher"), ("loss", "denoising"), ("module", "teacher")}
 
 
 def _files(group: str) -> list[tuple[str, str]]:
@@ -73,6 +75,8 @@ def _required_overrides(group: str, name: str, tiny: str, root: str) -> list[str
         return [f"data.captions_file={root}/captions.json", f"data.image_root={root}"]
     if (group, name) in (("experiment", "sdxl"), ("experiment", "sdxl_recipe")):
         return [f"model.path={tiny}", f"data.root={root}"]
+    if (group, name) in TEACHER_FILES - {("stage", "teacher")}:
+        return ["stage=teacher"]
     return []
 
 
@@ -107,9 +111,12 @@ def test_every_file_composes(group, name, tiny_sdxl_path, image_root, tmp_path):
     assert choices[group] == name
     # Every interpolation resolves (only values left for the command line may stay `???`).
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    assert container["module"]["_target_"] == "lightning_sdxl.module.DistillationModule"
+    teacher = (group, name) in TEACHER_FILES or (group, name) == ("experiment", "toy_teacher")
+    module = "lightning_sdxl.teacher.TeacherModule" if teacher else "lightning_sdxl.module.DistillationModule"
+    assert container["module"]["_target_"] == module
     raw = OmegaConf.load(CONF / group / f"{name}.yaml")
-    if group != "experiment":  # experiments are `@package _global_`
+    is_global = (CONF / group / f"{name}.yaml").read_text().startswith("# @package _global_")
+    if not is_global:  # experiments and stage=teacher are `@package _global_`
         own_keys = set(raw) - {"defaults"}
         assert own_keys <= set(cfg[group]), (
             f"{group}={name}: keys {own_keys - set(cfg[group])} were lost"
@@ -235,7 +242,7 @@ def test_trainer_files_build(group, name, make_config):
 @pytest.mark.parametrize("loss", GROUPS["loss"])
 def test_max_steps_counts_optimizer_steps_per_batch(loss, make_config):
     cfg = make_config(f"loss={loss}", "steps=7")
-    assert build_trainer(cfg, [], []).max_steps == 7 * (1 if loss == "mse" else 2)
+    assert build_trainer(cfg, [], []).max_steps == 7 * (1 if loss in ("mse", "denoising") else 2)
 
 
 def test_several_devices_get_ddp_with_unused_parameters(make_config):
@@ -248,7 +255,10 @@ def test_several_devices_get_ddp_with_unused_parameters(make_config):
 def _module_combinations() -> list[dict[str, str]]:
     """Few choice combinations that together use every file of every module group once or more."""
     names = {
-        group: [name for name in GROUPS[group] if not (group == "model" and name in HUB_MODELS)]
+        group: [
+            name for name in GROUPS[group]
+            if not (group == "model" and name in HUB_MODELS) and (group, name) not in TEACHER_FILES
+        ]
         for group in MODULE_GROUPS
     }
     count = max(len(choices) for choices in names.values())
@@ -264,7 +274,7 @@ def test_module_combinations_cover_every_file():
     for group in MODULE_GROUPS:
         used = {combination[group] for combination in MODULE_COMBINATIONS}
         expected = set(GROUPS[group]) - (set(HUB_MODELS) if group == "model" else set())
-        assert used == expected, group
+        assert used == expected - {name for g, name in TEACHER_FILES if g == group}, group
     assert len(MODULE_COMBINATIONS) <= 8, "keep the module instantiations few (each takes ~1-2 s)"
 
 

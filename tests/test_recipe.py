@@ -21,6 +21,15 @@ def test_paper_recipe_phase_order():
     assert names == expected
 
 
+def test_mse_baseline_recipe_has_the_same_phases_with_mse_only():
+    adversarial = recipe_phases(compose_config(["experiment=toy_recipe"]).recipe)
+    baseline = recipe_phases(compose_config(["experiment=toy_recipe", "recipe.adversarial=false"]).recipe)
+    assert len(baseline) == len(adversarial) and baseline[0].name == adversarial[0].name
+    losses = {o for phase in baseline for o in phase.overrides if o.startswith("loss=")}
+    assert losses == {"loss=mse"}
+    assert [p.init_from for p in baseline] == [p.init_from for p in adversarial]
+
+
 def phase_name(trainer) -> str:
     return Path(trainer.checkpoint_callback.dirpath).parent.name
 

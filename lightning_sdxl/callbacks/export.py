@@ -1,4 +1,5 @@
-"""Exports at the end of training: full UNet, scheduler, LoRA (diffusers and kohya) (METHOD.md 5)."""
+"""Exports at the end of training: the module's `export` (a distilled student: full UNet, scheduler,
+LoRA in diffusers and kohya format, METHOD.md 5; a trained teacher: its SDXL pipeline folder)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_sdxl.export import export_student
-
 
 class ExportCallback(L.Callback):
-    """Writes `lightning_sdxl.export.export_student` into `dirpath` when training ends (global rank 0).
+    """Writes the module's `export(dirpath, dtype)` when training ends (global rank 0).
 
     The folder is replaced atomically: an interrupted export leaves the previous one intact.
 
@@ -26,4 +25,4 @@ class ExportCallback(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            export_student(pl_module, self.dirpath, self.dtype)
+            pl_module.export(self.dirpath, self.dtype)

@@ -26,6 +26,7 @@ class ToyWorldDataModule(L.LightningDataModule):
         train_size: items per training epoch.
         num_val_prompts: validation prompts; their seeds are 0..num_val_prompts-1.
         seed: the toy world's seed.
+        world: the toy world's vocabulary ("simple": the committed teacher's; "rich").
     """
 
     def __init__(
@@ -36,6 +37,7 @@ class ToyWorldDataModule(L.LightningDataModule):
         train_size: int = 1_000_000,
         num_val_prompts: int = 8,
         seed: int = 0,
+        world: str = "simple",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -44,7 +46,7 @@ class ToyWorldDataModule(L.LightningDataModule):
                 f"need num_val_prompts >= 1 and train_size <= {VAL_INDEX_START - num_val_prompts} "
                 f"(validation scenes are held out), got {num_val_prompts} and {train_size}"
             )
-        self.world = ToyWorld(resolution=resolution, size=train_size, seed=seed)
+        self.world = ToyWorld(resolution=resolution, size=train_size, seed=seed, world=world)
         self.val_indices = [VAL_INDEX_START - 1 - k for k in range(num_val_prompts)]
         self.val_prompts = [self.world.scene(i).caption for i in self.val_indices]
         self.val_seeds = list(range(num_val_prompts))

@@ -60,6 +60,40 @@ SUPERSAMPLE = 4
 
 
 @dataclass(frozen=True)
+class WorldVocabulary:
+    """What a toy world's scenes can contain (each a subset of the module-level vocabulary).
+
+    Attributes:
+        shapes, colours, sizes, positions, backgrounds: the words a caption can use.
+        max_shapes: 1, or 2 (two shapes in distinct quadrants with distinct colours).
+    """
+
+    shapes: tuple[str, ...] = SHAPES
+    colours: tuple[str, ...] = COLOURS
+    sizes: tuple[str, ...] = SIZES
+    positions: tuple[str, ...] = POSITIONS
+    backgrounds: tuple[str, ...] = BACKGROUNDS
+    max_shapes: int = 2
+
+
+# "rich": 1-2 shapes, the whole vocabulary (plumbing tests, real-looking captions).
+# "simple": the world of the committed toy teacher (lightning_sdxl/assets), small enough for a
+# 2-core CPU to learn in under an hour: one large shape, 3 kinds x 4 colours x 4 quadrants x 3
+# backgrounds = 144 captions (FIELD-NOTES: a bigger world was not learned in 18 minutes).
+WORLDS: dict[str, WorldVocabulary] = {
+    "rich": WorldVocabulary(),
+    "simple": WorldVocabulary(
+        shapes=("circle", "square", "triangle"),
+        colours=("red", "green", "blue", "yellow"),
+        sizes=("large",),
+        positions=("top left", "top right", "bottom left", "bottom right"),
+        backgrounds=("white", "black", "grey"),
+        max_shapes=1,
+    ),
+}
+
+
+@dataclass(frozen=True)
 class ShapeSpec:
     """One shape of a scene.
 
@@ -105,27 +139,29 @@ class Scene:
         return f"{' and '.join(s.phrase for s in self.shapes)} on a {self.background} background"
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
+def sample_scene(rng: np.random.Generator, vocabulary: WorldVocabulary = WORLDS["rich"]) -> Scene:
     """Draw a scene: one shape anywhere, or two shapes in two distinct quadrants."""
-    num_shapes = int(rng.integers(1, 3))
+    v = vocabulary
+    num_shapes = int(rng.integers(1, v.max_shapes + 1))
     if num_shapes == 1:
-        positions = [POSITIONS[rng.integers(len(POSITIONS))]]
+        positions = [v.positions[rng.integers(len(v.positions))]]
     else:
-        positions = [POSITIONS[k] for k in sorted(rng.choice(4, size=2, replace=False))]
-    colours = rng.choice(len(COLOURS), size=num_shapes, replace=False)
+        quadrants = [p for p in v.positions if p != "centre"]
+        positions = [quadrants[k] for k in sorted(rng.choice(len(quadrants), size=2, replace=False))]
+    colours = rng.choice(len(v.colours), size=num_shapes, replace=False)
     shapes = []
     for position, colour in zip(positions, colours):
-        kind = SHAPES[rng.integers(len(SHAPES))]
-        size = SIZES[rng.integers(len(SIZES))]
+        kind = v.shapes[rng.integers(len(v.shapes))]
+        size = v.sizes[rng.integers(len(v.sizes))]
         dx, dy = rng.uniform(-JITTER_XY, JITTER_XY, size=2)
         half = SIZE_HALF[size] * (1.0 + rng.uniform(-JITTER_SIZE, JITTER_SIZE))
         x, y = POSITION_XY[position]
         shapes.append(
             ShapeSpec(
-                kind, COLOURS[colour], size, position, (float(x + dx), float(y + dy)), float(half)
+                kind, v.colours[colour], size, position, (float(x + dx), float(y + dy)), float(half)
             )
         )
-    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    background = v.backgrounds[rng.integers(len(v.backgrounds))]
     return Scene(tuple(shapes), background)
 
 
@@ -185,16 +221,23 @@ class ToyWorld(Dataset):
         resolution: image side R in pixels.
         size: epoch length (`len`); any non-negative index works, also beyond it.
         seed: world seed; different seeds give different worlds.
+        world: the vocabulary, a key of WORLDS ("rich" or "simple", the toy teacher's).
     """
 
-    def __init__(self, resolution: int = 128, size: int = 1_000_000, seed: int = 0) -> None:
+    def __init__(
+        self, resolution: int = 128, size: int = 1_000_000, seed: int = 0, world: str = "rich"
+    ) -> None:
         if resolution < 1 or size < 1:
             raise ValueError(
                 f"ToyWorld needs resolution >= 1 and size >= 1, got {resolution}, {size}"
             )
+        if world not in WORLDS:
+            raise ValueError(f"unknown toy world {world!r}: choose one of {sorted(WORLDS)}")
         self.resolution = resolution
         self.size = size
         self.seed = seed
+        self.world = world
+        self.vocabulary = WORLDS[world]
 
     def __len__(self) -> int:
         return self.size
@@ -210,7 +253,7 @@ class ToyWorld(Dataset):
     def scene(self, i: int) -> Scene:
         """The attributes of item i (no rendering)."""
         rng = np.random.default_rng([self.seed, self._index(i)])  # never the global RNG
-        return sample_scene(rng)
+        return sample_scene(rng, self.vocabulary)
 
     def __getitem__(self, i: int) -> dict:
         scene = self.scene(i)

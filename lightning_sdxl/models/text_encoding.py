@@ -10,7 +10,7 @@ from lightning_sdxl.models.conditioning import SDXLCondition
 
 
 class SDXLTextEncoder(nn.Module):
-    """Both frozen CLIP text encoders of SDXL, with their tokenizers.
+    """Both CLIP text encoders of SDXL, with their tokenizers; frozen unless `trainable`.
 
     Args:
         text_encoder: CLIP ViT-L text model (SDXL's encoder 1).
@@ -19,6 +19,8 @@ class SDXLTextEncoder(nn.Module):
         tokenizer_2: tokenizer of encoder 2.
         zero_empty_prompt: use zeros as the unconditional embedding instead of encoding "", as the
             pipeline does when `force_zeros_for_empty_prompt` is set (SDXL base sets it).
+        trainable: train both encoders (a toy teacher from scratch, stage=teacher); distillation
+            keeps them frozen.
     """
 
     def __init__(
@@ -28,19 +30,20 @@ class SDXLTextEncoder(nn.Module):
         tokenizer: CLIPTokenizer,
         tokenizer_2: CLIPTokenizer,
         zero_empty_prompt: bool = True,
+        trainable: bool = False,
     ):
         super().__init__()
-        self.text_encoder = text_encoder.requires_grad_(False).eval()
-        self.text_encoder_2 = text_encoder_2.requires_grad_(False).eval()
+        self.trainable = trainable
+        self.text_encoder = text_encoder.requires_grad_(trainable).train(trainable)
+        self.text_encoder_2 = text_encoder_2.requires_grad_(trainable).train(trainable)
         self.tokenizers = (tokenizer, tokenizer_2)
         self.zero_empty_prompt = zero_empty_prompt
         self._empty: tuple[torch.Tensor, torch.Tensor] | None = None  # "" encoded once per device
 
     def train(self, mode: bool = True) -> SDXLTextEncoder:
-        """Frozen: always in eval mode (no dropout), whatever the trainer asks."""
-        return super().train(False)
+        """Frozen encoders stay in eval mode (no dropout), whatever the trainer asks."""
+        return super().train(mode and self.trainable)
 
-    @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts.
 
@@ -48,6 +51,10 @@ class SDXLTextEncoder(nn.Module):
             prompt_embeds (B, 77, D1 + D2): penultimate hidden states of both encoders, concatenated.
             pooled_prompt_embeds (B, P): encoder 2's projected pooled output.
         """
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return self._encode(prompts)
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_states, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, (self.text_encoder, self.text_encoder_2)):
             ids = tokenizer(
@@ -66,9 +73,9 @@ class SDXLTextEncoder(nn.Module):
     def encode_unconditional(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of the empty prompt (classifier-free guidance's negative), repeated.
 
-        Encoded once and kept: the teacher of stage 128 to 32 needs them at every batch.
+        Encoded once and kept (while frozen): the teacher of stage 128 to 32 needs them at every batch.
         """
-        if self._empty is None or self._empty[0].device != self.text_encoder.device:
+        if self.trainable or self._empty is None or self._empty[0].device != self.text_encoder.device:
             prompt_embeds, pooled = self.encode([""])
             if self.zero_empty_prompt:
                 prompt_embeds, pooled = torch.zeros_like(prompt_embeds), torch.zeros_like(pooled)

@@ -6,9 +6,14 @@ import torch
 from diffusers import AutoencoderKL
 
 
+def vae_scale_factor(vae_config) -> int:
+    """Pixels per latent pixel: 2 per down block after the first (8 for SDXL, 4 for the toy VAE)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 3, R, R) in [-1, 1] -> scaled latents x0 (B, 4, R/8, R/8), float32, a posterior sample."""
+    """(B, 3, R, R) in [-1, 1] -> scaled latents x0 (B, 4, R/f, R/f), float32, a posterior sample."""
     latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * vae.config.scaling_factor).float()

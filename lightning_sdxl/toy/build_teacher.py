@@ -1,0 +1,75 @@
+"""Regenerate the committed toy teacher: python -m lightning_sdxl.toy.build_teacher [--steps N] ...
+
+1. The toy SDXL architecture (`build_toy_sdxl`, seed 0) with its VAE trained on toy images
+   (`lightning_sdxl.toy.autoencoder`), written as `<work-dir>/init` (a diffusers SDXL folder).
+2. `python train.py experiment=toy_teacher model.path=<work-dir>/init`: the UNet and text
+   encoders trained by the project's Lightning path (stage=teacher), run folder `<work-dir>/teacher`;
+   an interrupted run resumes from its last checkpoint when the command is repeated.
+3. The run's float16 export copied to `--out` (lightning_sdxl/assets/toy-sdxl), atomically.
+
+Deterministic for a given machine and thread count (seeded data, noise and initialisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import open_dict
+
+from lightning_sdxl import ASSETS_DIR
+from lightning_sdxl.data.toy_world import ToyWorld
+from lightning_sdxl.export import atomic_dir
+from lightning_sdxl.models.tiny import TOY_RESOLUTION, build_toy_sdxl
+from lightning_sdxl.recipe import compose_train_config
+from lightning_sdxl.toy.autoencoder import train_autoencoder
+from lightning_sdxl.train import train
+
+log = logging.getLogger(__name__)
+
+
+def build_initial_pipeline(folder: Path, vae_steps: int, seed: int = 0) -> Path:
+    """Step 1: the random toy SDXL with a trained VAE, as a diffusers folder (skipped if present)."""
+    if (folder / "model_index.json").exists():
+        return folder
+    pipeline = build_toy_sdxl(seed)
+    world = ToyWorld(TOY_RESOLUTION, seed=seed, world="simple")
+    pipeline.vae = train_autoencoder(pipeline.vae, world, vae_steps, seed=seed)
+    with atomic_dir(folder) as staging:
+        pipeline.save_pretrained(staging, safe_serialization=True)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ASSETS_DIR / "toy-sdxl", help="the teacher folder to write")
+    parser.add_argument("--work-dir", type=Path, default=Path("outputs/toy_teacher"), help="VAE, run folder, checkpoints")
+    parser.add_argument("--vae-steps", type=int, default=1200, help="VAE training batches (32 images each)")
+    parser.add_argument("--steps", type=int, default=None, help="UNet batches (default: experiment=toy_teacher's)")
+    parser.add_argument("overrides", nargs="*", help="more train.py overrides, e.g. trainer.devices=2")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    torch.set_float32_matmul_precision("high")
+
+    init = build_initial_pipeline(args.work_dir / "init", args.vae_steps)
+    run_dir = args.work_dir / "teacher"
+    overrides = ["experiment=toy_teacher", f"model.path={init.resolve()}", *args.overrides]
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        overrides.append("ckpt_path=last")
+    cfg = compose_train_config(overrides)
+    with open_dict(cfg):
+        cfg.output_dir = str(run_dir)
+    train(cfg)
+    with atomic_dir(args.out) as staging:
+        shutil.copytree(run_dir / "export", staging, dirs_exist_ok=True)
+    log.info("Toy teacher written to %s", args.out)
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
