@@ -34,7 +34,7 @@ from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_f
 LOSSES = ("mse", "cond_adv", "uncond_adv")
 
 
-def _plain(value):
+def plain_config(value):
     """OmegaConf containers (from Hydra) and tuples as plain lists and dicts."""
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
@@ -107,10 +107,10 @@ class DistillationModule(L.LightningModule):
             raise ValueError(f"loss={loss!r}: choose one of {LOSSES}.")
         # Plain containers in hparams, so checkpoints load with torch.load(weights_only=True).
         generator_optimizer, discriminator_optimizer, lr_scheduler = (
-            _plain(generator_optimizer), _plain(discriminator_optimizer), _plain(lr_scheduler)
+            plain_config(generator_optimizer), plain_config(discriminator_optimizer), plain_config(lr_scheduler)
         )
-        start_timesteps, lora_target_modules = _plain(start_timesteps), _plain(lora_target_modules)
-        renoise_timesteps, renoise_weights = _plain(renoise_timesteps), _plain(renoise_weights)
+        start_timesteps, lora_target_modules = plain_config(start_timesteps), plain_config(lora_target_modules)
+        renoise_timesteps, renoise_weights = plain_config(renoise_timesteps), plain_config(renoise_weights)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.adversarial = loss != "mse"

@@ -23,6 +23,7 @@ from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.loading import load_sdxl
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
+from lightning_sdxl.module import plain_config
 
 LOSS_WEIGHTINGS = ("v", "uniform")
 
@@ -73,6 +74,8 @@ class TeacherModule(L.LightningModule):
         super().__init__()
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting={loss_weighting!r}: choose one of {LOSS_WEIGHTINGS}.")
+        # Plain containers in hparams, so checkpoints load with torch.load(weights_only=True).
+        optimizer, lr_scheduler = plain_config(optimizer), plain_config(lr_scheduler)
         self.save_hyperparameters()
         components = load_sdxl(model_path)
         self.scheduler_config = components.scheduler_config

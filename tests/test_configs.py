@@ -178,8 +178,7 @@ def test_callback_files_instantiate(group, name, make_config, monkeypatch, tmp_p
     if name == "metrics":  # real Inception / ViT-g-14 weights: absent offline, a one-line error
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
         with pytest.raises(MissingMetricWeights, match="metrics.fid_whole.extractor.weights_path"):
-            instantiate_callbacks(cfg)
-        return
+            instantiate_callbacks(make_config(f"callbacks={name}", "metrics=sdxl"))
     callbacks = instantiate_callbacks(cfg)
     entries = list((cfg.callbacks or {}).items())
     assert len(callbacks) == len(entries)
@@ -196,6 +195,19 @@ def test_metric_files_name_their_weights_when_absent(group, name, make_config, m
     """Real metric weights are absent offline: each network fails in one line naming its key."""
     from lightning_sdxl.errors import instantiate_checked
 
+    if name == "toy":  # committed weights: they load; moved away, the error names the file
+        cfg = make_config("metrics=toy")
+        for key in ("fid_whole", "fid_patch", "clip_score"):
+            assert instantiate_checked(cfg.metrics[key]) is not None
+        missing = str(tmp_path / "absent.safetensors")
+        cfg = make_config(
+            "metrics=toy", f"metrics.fid_whole.extractor.weights_path={missing}",
+            f"metrics.clip_score.scorer.pretrained={missing}",
+        )
+        for key in ("fid_whole", "fid_patch", "clip_score"):
+            with pytest.raises(MissingMetricWeights, match="absent.safetensors"):
+                instantiate_checked(cfg.metrics[key])
+        return
     cfg = make_config(f"metrics={name}")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -24,7 +24,7 @@ from lightning_sdxl.data import (
     ToyWorld,
     ToyWorldDataModule,
 )
-from lightning_sdxl.data.toy_world import BACKGROUND_RGB, GRADIENT_RGB, STRIPE_RGB
+from lightning_sdxl.data.toy_world import BACKGROUND_RGB, GRADIENT_RGB, STRIPE_RGB, WORLDS
 
 CAPTION = re.compile(
     r"^a (small|large) (\w+) (\w+) (?:at the|in the) ([\w ]+?)"
@@ -224,7 +224,7 @@ def test_toy_world_datamodule_batches():
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
     assert batch["original_size"].shape == batch["crop_top_left"].shape == (4, 2)
     assert batch["original_size"].dtype == torch.int64 and len(batch["prompt"]) == 4
-    assert batch["prompt"] == [ToyWorld(32, seed=2).scene(i).caption for i in range(4)]
+    assert batch["prompt"] == [ToyWorld(32, seed=2, world="simple").scene(i).caption for i in range(4)]
 
     val = list(dm.val_dataloader())
     assert [len(b["prompt"]) for b in val] == [3]
@@ -235,6 +235,17 @@ def test_toy_world_datamodule_batches():
         assert i >= 10**9
         assert val[0]["prompt"][k] == dm.world.scene(i).caption
         assert torch.equal(images[k], dm.world[i]["pixel_values"])
+
+
+def test_simple_world_is_the_teachers_vocabulary():
+    world = ToyWorld(32, world="simple")
+    scenes = [world.scene(i) for i in range(400)]
+    assert {len(s.shapes) for s in scenes} == {1}
+    v = WORLDS["simple"]
+    assert {s.shapes[0].kind for s in scenes} == set(v.shapes) and {s.background for s in scenes} == set(v.backgrounds)
+    assert {s.shapes[0].position for s in scenes} == set(v.positions) and {s.shapes[0].colour for s in scenes} == set(v.colours)
+    with pytest.raises(ValueError, match="unknown toy world"):
+        ToyWorld(32, world="nope")
 
 
 def test_toy_world_worker_gives_the_same_batches():

@@ -43,7 +43,7 @@ def eval_config(tmp_path, tiny_clip):  # noqa: F811
     features = save_tiny_net(tmp_path / "features.safetensors", seed=0)
 
     def make(*overrides: str):
-        base = ["data.resolution=64", "num_images=4", "batch_size=2", f"metrics.cache_dir={tmp_path / 'stats'}"]
+        base = ["model=tiny", "metrics=sdxl", "data.resolution=64", "num_images=4", "batch_size=2", f"metrics.cache_dir={tmp_path / 'stats'}"]
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("eval", overrides=base + metric_overrides(features, tiny_clip) + list(overrides))
         with open_dict(cfg):
@@ -116,7 +116,7 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
 
 def test_multirun_over_steps(tmp_path, tiny_clip):  # noqa: F811
     features = save_tiny_net(tmp_path / "features.safetensors", seed=0)
-    args = ["data.resolution=64", "num_images=4", "batch_size=2", f"metrics.cache_dir={tmp_path / 'stats'}"]
+    args = ["model=tiny", "metrics=sdxl", "data.resolution=64", "num_images=4", "batch_size=2", f"metrics.cache_dir={tmp_path / 'stats'}"]
     result = run_eval_cli(
         [*args, *metric_overrides(features, tiny_clip), "steps=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         flags=["-m"],

@@ -57,7 +57,7 @@ def test_missing_metric_weights_fail_before_any_model_loads(make_config, monkeyp
 
     monkeypatch.setattr(module, "load_sdxl", lambda *a, **k: pytest.fail("the model loaded before the metrics check"))
     with pytest.raises(MissingMetricWeights, match="weights_path"):
-        train(make_config("callbacks=metrics"))
+        train(make_config("callbacks=metrics", "metrics=sdxl"))
 
 
 def test_missing_metric_weights_are_one_line_on_the_command_line(tmp_path):
@@ -67,7 +67,7 @@ def test_missing_metric_weights_are_one_line_on_the_command_line(tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "torch")}
     result = subprocess.run(
-        [sys.executable, "train.py", "callbacks=metrics", f"hydra.run.dir={tmp_path / 'run'}"],
+        [sys.executable, "train.py", "callbacks=metrics", "metrics=sdxl", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 2, result.stderr[-2000:]
@@ -90,7 +90,7 @@ def test_metrics_callback_under_ddp_two_cpu_processes(tmp_path, tiny_clip):  # n
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
     run = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "train.py", *CPU_OVERRIDES, "callbacks=metrics", "validation.num_prompts=4",
+        [sys.executable, "train.py", *CPU_OVERRIDES, "callbacks=metrics", "metrics=sdxl", "validation.num_prompts=4",
          "trainer.devices=2", "trainer.accelerator=cpu", f"metrics.cache_dir={tmp_path / 'stats'}",
          *metric_overrides(features, tiny_clip), f"hydra.run.dir={run}"],
         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300, check=False,

@@ -62,6 +62,21 @@ def _text_config(projection: bool) -> CLIPTextConfig:
     )
 
 
+def _with_text_encoders(unet: UNet2DConditionModel, vae: AutoencoderKL) -> StableDiffusionXLPipeline:
+    """The SDXL pipeline of `unet` and `vae` with two new toy CLIP text encoders (drawn from the
+    caller's RNG), offline tokenizers and SDXL's scheduler."""
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(_text_config(projection=False)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
+        tokenizer=offline_clip_tokenizer(),
+        tokenizer_2=offline_clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
 def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     """A randomly initialised SDXL pipeline at toy size (about 2 M UNet parameters).
 
@@ -102,18 +117,7 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
             scaling_factor=1.0,
             force_upcast=False,
         )
-        text_encoder = CLIPTextModel(_text_config(projection=False))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(projection=True))
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=offline_clip_tokenizer(),
-        tokenizer_2=offline_clip_tokenizer(pad_token="!"),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
-        force_zeros_for_empty_prompt=True,
-    )
+        return _with_text_encoders(unet, vae)
 
 
 # The committed toy teacher's architecture (lightning_sdxl/assets/toy-sdxl): 32 px images, a VAE
@@ -157,18 +161,7 @@ def build_toy_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
             scaling_factor=1.0,  # set from the trained VAE's latent std (lightning_sdxl.toy.autoencoder)
             force_upcast=False,
         )
-        text_encoder = CLIPTextModel(_text_config(projection=False))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(projection=True))
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=offline_clip_tokenizer(),
-        tokenizer_2=offline_clip_tokenizer(pad_token="!"),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
-        force_zeros_for_empty_prompt=True,
-    )
+        return _with_text_encoders(unet, vae)
 
 
 def default_cache_dir() -> Path:
