@@ -136,10 +136,7 @@ def generate_images(
     prediction = get_prediction(model.prediction_type)
     for start in tqdm(range(0, len(missing), batch_size), desc=f"{model.name} {num_steps} steps: generate"):
         batch = missing[start : start + batch_size]
-        size = torch.tensor([[resolution, resolution]] * len(batch), device=device)
-        condition = build_condition(
-            model.text_encoder, [prompts[i] for i in batch], size, torch.zeros_like(size), (resolution, resolution)
-        )
+        condition = build_condition(model.text_encoder, [prompts[i] for i in batch], (resolution, resolution))
         uncondition = unconditional_like(model.text_encoder, condition) if guidance_scale > 1 else None
         noise = seeded_noise([seeds[i] for i in batch], resolution // vae_scale_factor(model.vae.config), device)
         latents = sample(
@@ -166,13 +163,17 @@ def write_table(rows: list[dict], output_dir: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    with atomic_path(output_dir / "results.md") as temporary:
+        temporary.write_text("\n".join(markdown_table(rows)) + "\n")
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    """The lines of a Markdown table of evaluation rows (model, steps, FID-Whole, FID-Patch, CLIP)."""
     lines = ["| model | steps | FID-Whole | FID-Patch | CLIP |", "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [
+    return lines + [
         f"| {r['model']} | {r['steps']} | {r['fid_whole']:.2f} | {r['fid_patch']:.2f} | {r['clip_score']:.2f} |"
         for r in rows
     ]
-    with atomic_path(output_dir / "results.md") as temporary:
-        temporary.write_text("\n".join(lines) + "\n")
 
 
 def evaluate(cfg: DictConfig) -> list[dict]:

@@ -160,11 +160,8 @@ class DistillationModule(L.LightningModule):
         return decode_latents(self.vae, latents)
 
     def condition(self, prompts: list[str], original_size=None, crop_top_left=None) -> SDXLCondition:
-        batch, size = len(prompts), self.hparams.resolution
-        if original_size is None:
-            original_size = torch.tensor([[size, size]] * batch, device=self.device)
-            crop_top_left = torch.zeros(batch, 2, dtype=torch.long, device=self.device)
-        return build_condition(self.text_encoder, prompts, original_size, crop_top_left, (size, size)).to(torch.float32)
+        size = (self.hparams.resolution,) * 2
+        return build_condition(self.text_encoder, prompts, size, original_size, crop_top_left).to(torch.float32)
 
     def uncondition(self, condition: SDXLCondition) -> SDXLCondition | None:
         """The empty-prompt condition when the teacher uses CFG (stage 128 to 32), else None."""

@@ -92,11 +92,8 @@ class TeacherModule(L.LightningModule):
         self.validation_outputs: list[dict[str, torch.Tensor]] = []
 
     def condition(self, prompts: list[str], original_size=None, crop_top_left=None) -> SDXLCondition:
-        size = self.hparams.resolution
-        if original_size is None:
-            original_size = torch.tensor([[size, size]] * len(prompts), device=self.device)
-            crop_top_left = torch.zeros_like(original_size)
-        return build_condition(self.text_encoder, prompts, original_size, crop_top_left, (size, size))
+        size = (self.hparams.resolution,) * 2
+        return build_condition(self.text_encoder, prompts, size, original_size, crop_top_left)
 
     def drop_captions(self, condition: SDXLCondition) -> SDXLCondition:
         """Replace each sample's text by the empty prompt's with probability `caption_dropout`."""
@@ -175,18 +172,10 @@ class TeacherModule(L.LightningModule):
 
     def export(self, out_dir, dtype: torch.dtype = torch.float32) -> None:
         """Write the trained teacher as a diffusers SDXL folder (weights in `dtype`), atomically."""
+        pipeline, training_dtype = self.pipeline(), self.unet.dtype
         with atomic_dir(out_dir) as folder:
-            pipeline = self.pipeline()
-            # Copies, so a float16 export leaves the training weights untouched.
-            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-                module = getattr(pipeline, name)
-                original_dtype = next(module.parameters()).dtype
-                module.to(dtype)
-                try:
-                    module.save_pretrained(folder / name, safe_serialization=True)
-                finally:
-                    module.to(original_dtype)
-            pipeline.tokenizer.save_pretrained(folder / "tokenizer")
-            pipeline.tokenizer_2.save_pretrained(folder / "tokenizer_2")
-            pipeline.scheduler.save_pretrained(folder / "scheduler")
-            pipeline.save_config(folder)
+            pipeline.to(dtype=dtype)  # the training modules themselves: cast back below
+            try:
+                pipeline.save_pretrained(folder, safe_serialization=True)
+            finally:
+                pipeline.to(dtype=training_dtype)

@@ -42,7 +42,7 @@ def test_sampler_equals_diffusers_pipeline(pipeline, components, num_steps, guid
 
     batch = len(PROMPTS)
     condition = build_condition(
-        text_encoder, PROMPTS, torch.tensor([[size, size]] * batch), torch.zeros(batch, 2, dtype=torch.long), (size, size)
+        text_encoder, PROMPTS, (size, size), torch.tensor([[size, size]] * batch), torch.zeros(batch, 2, dtype=torch.long)
     )
     uncondition = unconditional_like(text_encoder, condition) if guidance_scale > 1 else None
     latents = sample(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hydra
 import pytest
 import torch
+from conftest import CONF_DIR, compose_config
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from hydra import compose, initialize_config_dir
 from safetensors import safe_open
@@ -15,8 +16,6 @@ from lightning_sdxl import ASSETS_DIR
 from lightning_sdxl.data.toy_world import ToyWorld
 from lightning_sdxl.toy import build_teacher, clip, feature_net
 from lightning_sdxl.toy.feature_net import ToyFeatureNet, attribute_accuracy
-
-from conftest import CONF_DIR, compose_config
 
 TEACHER = ASSETS_DIR / "toy-sdxl"
 

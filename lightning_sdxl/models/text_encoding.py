@@ -73,9 +73,11 @@ class SDXLTextEncoder(nn.Module):
     def encode_unconditional(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of the empty prompt (classifier-free guidance's negative), repeated.
 
-        Encoded once and kept (while frozen): the teacher of stage 128 to 32 needs them at every batch.
+        Encoded once and kept: the teacher of stage 128 to 32 needs them at every batch. Trainable
+        encoders re-encode "" every call, unless the empty prompt is zeros (independent of weights).
         """
-        if self.trainable or self._empty is None or self._empty[0].device != self.text_encoder.device:
+        stale = self.trainable and not self.zero_empty_prompt
+        if stale or self._empty is None or self._empty[0].device != self.text_encoder.device:
             prompt_embeds, pooled = self.encode([""])
             if self.zero_empty_prompt:
                 prompt_embeds, pooled = torch.zeros_like(prompt_embeds), torch.zeros_like(pooled)
@@ -101,12 +103,20 @@ def add_time_ids(
 def build_condition(
     text_encoder: SDXLTextEncoder,
     prompts: list[str],
-    original_size: torch.Tensor,
-    crop_top_left: torch.Tensor,
     target_size: tuple[int, int],
+    original_size: torch.Tensor | None = None,
+    crop_top_left: torch.Tensor | None = None,
 ) -> SDXLCondition:
-    """The UNet's full condition for a batch of prompts."""
+    """The UNet's full condition for a batch of prompts.
+
+    Args:
+        original_size, crop_top_left: (B, 2) each, a training image's source size and crop; None
+            (generation) asks for an uncropped image at `target_size`, as diffusers' pipeline does.
+    """
     prompt_embeds, pooled = text_encoder.encode(prompts)
+    if original_size is None:
+        original_size = torch.tensor(target_size, device=prompt_embeds.device).expand(len(prompts), 2)
+        crop_top_left = torch.zeros_like(original_size)
     time_ids = add_time_ids(original_size, crop_top_left, target_size).to(prompt_embeds)
     return SDXLCondition(prompt_embeds, pooled, time_ids)
 

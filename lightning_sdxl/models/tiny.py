@@ -62,62 +62,64 @@ def _text_config(projection: bool) -> CLIPTextConfig:
     )
 
 
-def _with_text_encoders(unet: UNet2DConditionModel, vae: AutoencoderKL) -> StableDiffusionXLPipeline:
-    """The SDXL pipeline of `unet` and `vae` with two new toy CLIP text encoders (drawn from the
-    caller's RNG), offline tokenizers and SDXL's scheduler."""
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=CLIPTextModel(_text_config(projection=False)),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
-        tokenizer=offline_clip_tokenizer(),
-        tokenizer_2=offline_clip_tokenizer(pad_token="!"),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
-        force_zeros_for_empty_prompt=True,
-    )
-
-
-def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
-    """A randomly initialised SDXL pipeline at toy size (about 2 M UNet parameters).
-
-    Latents are 4 x R/8 x R/8 as in SDXL; the UNet has SDXL's `text_time` added conditioning and
-    cross-attention on both text encoders' states. Deterministic in `seed`, global RNG untouched.
-    """
+def _random_sdxl(seed: int, unet_size: dict, vae_size: dict) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL pipeline: SDXL's UNet (4 latent channels, `text_time` added
+    conditioning, cross-attention on both text encoders' states) and AutoencoderKL, sized by
+    `unet_size` / `vae_size`, with two toy CLIP text encoders, offline tokenizers and SDXL's
+    scheduler. Deterministic in `seed`, global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=16,
             in_channels=4,
             out_channels=4,
-            block_out_channels=TINY_BLOCK_OUT_CHANNELS,
             layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
-            transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * ADDITION_TIME_EMBED_DIM,
             cross_attention_dim=2 * TEXT_WIDTH,
-            norm_num_groups=32,
+            **unet_size,
         )
+        levels = len(vae_size["block_out_channels"])
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(32, 32, 64, 64),
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
             layers_per_block=1,
             latent_channels=4,
             norm_num_groups=32,
-            sample_size=128,
-            # SD's rule, scaling_factor = 1 / std(latents): this random VAE's posterior samples on
-            # toy images have std 1.04 (measured on 32 images), so 1.0 keeps latents at unit scale.
-            scaling_factor=1.0,
             force_upcast=False,
+            **vae_size,
         )
-        return _with_text_encoders(unet, vae)
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=CLIPTextModel(_text_config(projection=False)),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
+            tokenizer=offline_clip_tokenizer(),
+            tokenizer_2=offline_clip_tokenizer(pad_token="!"),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+            force_zeros_for_empty_prompt=True,
+        )
+
+
+def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL pipeline at toy size (about 2 M UNet parameters), latents
+    4 x R/8 x R/8 as in SDXL (the plumbing tests' model, `model=tiny`)."""
+    unet_size = {
+        "sample_size": 16,
+        "block_out_channels": TINY_BLOCK_OUT_CHANNELS,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2),
+        "norm_num_groups": 32,
+    }
+    # SD's rule, scaling_factor = 1 / std(latents): this random VAE's posterior samples on toy
+    # images have std 1.04 (measured on 32 images), so 1.0 keeps latents at unit scale.
+    vae_size = {"block_out_channels": (32, 32, 64, 64), "sample_size": 128, "scaling_factor": 1.0}
+    return _random_sdxl(seed, unet_size, vae_size)
 
 
 # The committed toy teacher's architecture (lightning_sdxl/assets/toy-sdxl): 32 px images, a VAE
@@ -129,39 +131,17 @@ TOY_BLOCK_OUT_CHANNELS = (48, 96)
 
 def build_toy_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     """The toy teacher's SDXL pipeline, randomly initialised (trained by lightning_sdxl.toy.build_teacher)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=TOY_RESOLUTION // 4,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=TOY_BLOCK_OUT_CHANNELS,
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
-            transformer_layers_per_block=1,
-            projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * ADDITION_TIME_EMBED_DIM,
-            cross_attention_dim=2 * TEXT_WIDTH,
-            norm_num_groups=16,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(32, 64, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=TOY_RESOLUTION,
-            scaling_factor=1.0,  # set from the trained VAE's latent std (lightning_sdxl.toy.autoencoder)
-            force_upcast=False,
-        )
-        return _with_text_encoders(unet, vae)
+    unet_size = {
+        "sample_size": TOY_RESOLUTION // 4,
+        "block_out_channels": TOY_BLOCK_OUT_CHANNELS,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "transformer_layers_per_block": 1,
+        "norm_num_groups": 16,
+    }
+    # scaling_factor is set from the trained VAE's latent std (lightning_sdxl.toy.autoencoder).
+    vae_size = {"block_out_channels": (32, 64, 64), "sample_size": TOY_RESOLUTION, "scaling_factor": 1.0}
+    return _random_sdxl(seed, unet_size, vae_size)
 
 
 def default_cache_dir() -> Path:

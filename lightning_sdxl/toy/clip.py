@@ -41,9 +41,9 @@ class ContrastiveModule(L.LightningModule):
         self.model, self.lr, self.total_steps = model, lr, total_steps
         self.tokenizer = open_clip.get_tokenizer(MODEL_NAME)
         self.loss = ClipLoss()
-        mean, std = open_clip.get_model_preprocess_cfg(model)["mean"], open_clip.get_model_preprocess_cfg(model)["std"]
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        preprocess = open_clip.get_model_preprocess_cfg(model)
+        self.register_buffer("mean", torch.tensor(preprocess["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess["std"]).view(1, 3, 1, 1), persistent=False)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # The scorer's preprocessing at native size: [0, 1] images normalised with the model's mean/std.

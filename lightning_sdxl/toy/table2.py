@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from torchvision.utils import make_grid, save_image
 
-from lightning_sdxl.evaluate import GRID_PROMPTS, evaluate, load_images
+from lightning_sdxl.evaluate import GRID_PROMPTS, evaluate, load_images, markdown_table
 from lightning_sdxl.io import atomic_path
 from lightning_sdxl.recipe import CONF_DIR, DONE, compose_train_config, recipe_phases, run_recipe
 
@@ -37,8 +37,10 @@ def run_arm(out: Path, arm: str, phase_steps: int, overrides: list[str]) -> dict
     """Run one arm's recipe; returns each stage's final phase folder by stage name."""
     recipe_overrides = [
         "experiment=toy_recipe", f"recipe.adversarial={arm == 'adversarial'}",
-        f"recipe.phase_overrides=['steps={phase_steps}','validation.every_n_steps={phase_steps}',"
-        f"'checkpoint.every_n_steps={phase_steps}']",
+        (
+            f"recipe.phase_overrides=['steps={phase_steps}','validation.every_n_steps={phase_steps}',"
+            f"'checkpoint.every_n_steps={phase_steps}']"
+        ),
     ]
     cfg = compose_train_config(recipe_overrides + overrides)
     with open_dict(cfg):
@@ -111,11 +113,12 @@ def main(argv: list[str] | None = None) -> Path:
     timing = {"training_s": round(trained - started), "evaluation_s": round(finished - trained),
               "total_s": round(finished - started), "threads": torch.get_num_threads()}
     lines = [
-        "| model | steps | FID-Whole | FID-Patch | CLIP |", "| --- | ---: | ---: | ---: | ---: |",
-        *(f"| {r['model']} | {r['steps']} | {r['fid_whole']:.2f} | {r['fid_patch']:.2f} | {r['clip_score']:.2f} |"
-          for r in rows),
-        "", f"Recipe: {args.phase_steps} batches per phase; {args.num_images} images per row; "
-        f"time {timing['total_s']} s ({timing['training_s']} s training, {timing['evaluation_s']} s scoring).",
+        *markdown_table(rows),
+        "",
+        (
+            f"Recipe: {args.phase_steps} batches per phase; {args.num_images} images per row; "
+            f"time {timing['total_s']} s ({timing['training_s']} s training, {timing['evaluation_s']} s scoring)."
+        ),
     ]
     with atomic_path(args.out / "table2.md") as temporary:
         temporary.write_text("\n".join(lines) + "\n")
