@@ -100,6 +100,24 @@ def validate_config(cfg: DictConfig) -> None:
         raise MissingPathError(
             f"student_init={init} does not exist: give a LoRA file (student=lora) or a UNet folder (student=full)."
         )
+    teacher_path = cfg.get("teacher_path")
+    if teacher_path is not None:
+        try:
+            check_pipeline_folder(str(teacher_path))
+        except FileNotFoundError as error:
+            raise MissingPathError(f"teacher_path: {error}") from error
+    discriminator_init = cfg.discriminator.get("init")
+    if discriminator_init is not None:
+        _require(
+            loss.name in ADVERSARIAL_LOSSES,
+            f"discriminator.init={discriminator_init} with loss={loss.name}: only the adversarial losses "
+            "have a discriminator; drop discriminator.init.",
+        )
+        if not Path(str(discriminator_init)).is_file():
+            raise MissingPathError(
+                f"discriminator.init={discriminator_init} does not exist: give the discriminator.safetensors "
+                "of an earlier phase's export/ (same stage), or discriminator.init=null."
+            )
     _check_data_root(cfg.data)
     if cfg.model.path is not None:
         try:

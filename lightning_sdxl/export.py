@@ -5,6 +5,9 @@ An export folder holds
     scheduler/              EulerDiscreteScheduler, timestep_spacing="trailing", the student's prediction type
     lora.safetensors        LoRA students: diffusers format (`pipe.load_lora_weights`), with adapter metadata
     lora_kohya.safetensors  LoRA students: kohya names (`lora_unet_*`, `lora_down`/`lora_up`, `.alpha`)
+    sdxl_single_file.safetensors  the all-in-one checkpoint: UNet, VAE, both text encoders (SGM layout)
+    discriminator.safetensors  adversarial students: the trained discriminator (the recipe's next
+                            phase of the stage continues it; not an inference file)
     export_info.json        base model, steps, prediction type, stage, loss, files
 
 so that `StableDiffusionXLPipeline.from_pretrained(base, unet=UNet2DConditionModel.from_pretrained(
@@ -17,10 +20,11 @@ kohya loader, ComfyUI (`model_lora_keys_unet` maps `lora_unet_<diffusers key>`) 
 (`convert_diffusers_name_to_compvis`) read them. They are not sd-scripts' SDXL names
 (`lora_unet_input_blocks_*`), which would need a hand-written key mapping.
 
-Single-file (all-in-one) checkpoint: not written. diffusers 0.42 reads SDXL single files
-(`from_single_file`) but the installed package has no writer; its conversion lives only in the
-repository's `scripts/convert_diffusers_to_original_sdxl.py`. Run that script on
-`StableDiffusionXLPipeline.from_pretrained(base, unet=..., scheduler=...).save_pretrained(dir)`.
+The all-in-one single file, `sdxl_single_file.safetensors` (ComfyUI's Load Checkpoint, A1111), is
+written by `single_file.py` (diffusers reads these files but has no writer): the merged UNet with the
+base's VAE and text encoders, in the export's dtype. For x0 students ComfyUI needs the
+ModelSamplingDiscrete node set to x0 (export_info.json says so); diffusers reads the prediction type
+from scheduler/.
 
 Usage: `python -m lightning_sdxl.export --checkpoint last.ckpt --out DIR` re-exports a checkpoint.
 """
@@ -44,11 +48,15 @@ from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from lightning_sdxl.single_file import save_components
+
 log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # the adapter name `unet.add_adapter` gives the student's LoRA
 UNET_DIR, SCHEDULER_DIR, INFO_FILE = "unet", "scheduler", "export_info.json"
 LORA_FILE, KOHYA_FILE = "lora.safetensors", "lora_kohya.safetensors"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
+SINGLE_FILE = "sdxl_single_file.safetensors"
 
 
 def is_lora_student(module) -> bool:
@@ -147,7 +155,6 @@ def export_info(module) -> dict:
         "stage": f"{hparams.teacher_steps}to{hparams.student_steps}",
         "loss": hparams.loss,
         "student_type": module.pair.student_type,
-        "single_file": "not written: diffusers 0.42 has no SDXL single-file writer",
         "files": [UNET_DIR, SCHEDULER_DIR, INFO_FILE],
     }
     if getattr(module, "_trainer", None) is not None:
@@ -155,6 +162,14 @@ def export_info(module) -> dict:
     if is_lora_student(module):
         info.update(lora_rank=hparams.lora_rank, lora_alpha=hparams.lora_alpha or hparams.lora_rank)
         info["files"] += [LORA_FILE, KOHYA_FILE]
+    if module.discriminator is not None:
+        info["files"].append(DISCRIMINATOR_FILE)
+    if module.student_prediction.name == "sample":
+        info["comfyui"] = "an x0 model: add ModelSamplingDiscrete with sampling=x0; Euler, sgm_uniform, CFG 1"
+    else:
+        info["comfyui"] = "Euler sampler, sgm_uniform scheduler, CFG 1"
+    if hparams.get("teacher_path"):
+        info["teacher"] = hparams.teacher_path
     return info
 
 
@@ -183,7 +198,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def export_student(
-    module, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, info: dict | None = None
+    module,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    info: dict | None = None,
+    single_file: bool = True,
 ) -> Path:
     """Write every export of `module`'s student into `out_dir`, atomically (module docstring).
 
@@ -192,13 +211,18 @@ def export_student(
         out_dir: the export folder; a previous export there is replaced only once the new one is complete.
         dtype: dtype of the written weights (float32, or float16 / bfloat16 for release files).
         info: extra entries for export_info.json.
+        single_file: also write the all-in-one checkpoint (SDXL: 7 GB in float16).
 
     Returns:
         The export folder.
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as folder:
-        merged_unet(module, dtype).save_pretrained(folder / UNET_DIR, safe_serialization=True)
+        unet = merged_unet(module, dtype)
+        unet.save_pretrained(folder / UNET_DIR, safe_serialization=True)
+        if single_file:
+            encoders = module.text_encoder
+            save_components(unet, module.vae, encoders.text_encoder, encoders.text_encoder_2, folder / SINGLE_FILE, dtype)
         inference_scheduler(module).save_pretrained(folder / SCHEDULER_DIR)
         if is_lora_student(module):
             if module.student_prediction.name != module.teacher_prediction.name:
@@ -216,14 +240,21 @@ def export_student(
             save_file(
                 kohya_state_dict(module, dtype), folder / KOHYA_FILE, metadata={"format": "pt"}
             )
+        if module.discriminator is not None:
+            module.discriminator.save(folder / DISCRIMINATOR_FILE)
         info = {**export_info(module), **(info or {})}
+        if single_file:
+            info["files"].append(SINGLE_FILE)
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     log.info("Exported the student to %s", out_dir)
     return out_dir
 
 
 def export_checkpoint(
-    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    single_file: bool = True,
 ) -> Path:
     """Export a Lightning checkpoint of a `DistillationModule` (the frozen parts reload from its model_path)."""
     from lightning_sdxl.module import DistillationModule
@@ -233,7 +264,7 @@ def export_checkpoint(
     )
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     info = {"checkpoint": str(checkpoint), "global_step": saved["global_step"]}
-    return export_student(module.eval(), out_dir, dtype, info)
+    return export_student(module.eval(), out_dir, dtype, info, single_file)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,9 +278,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", required=True, help="the export folder (replaced atomically)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument(
+        "--single-file", action=argparse.BooleanOptionalAction, default=True,
+        help="also write the all-in-one checkpoint (ComfyUI, A1111)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype))
+    export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype), args.single_file)
 
 
 if __name__ == "__main__":

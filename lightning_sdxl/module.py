@@ -26,7 +26,7 @@ from lightning_sdxl.diffusion.stage_grid import StageGrid
 from lightning_sdxl.losses import Renoiser, discriminator_loss, generator_loss, mse_loss
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.discriminator import Discriminator
-from lightning_sdxl.models.loading import load_sdxl
+from lightning_sdxl.models.loading import check_same_noise_schedule, load_sdxl, load_unet
 from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeacher
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
@@ -71,6 +71,11 @@ class DistillationModule(L.LightningModule):
         resolution: image size in pixels (target size of the micro-conditioning).
         validation_teacher_steps: the teacher's steps in validation grids (None: teacher_steps).
         student_init: a LoRA file or UNet folder the student starts from (None: the teacher).
+        teacher_path: a diffusers SDXL folder whose UNet and scheduler are the teacher instead of
+            model_path's (the recipe's skip-level teacher, METHOD.md 4); the student, VAE, text
+            encoders and discriminator still come from model_path. None: model_path is the teacher.
+        discriminator_init: a `discriminator.safetensors` an earlier phase of the same stage wrote
+            (the discriminator is initialised from the teacher once per stage, METHOD.md 3).
     """
 
     def __init__(
@@ -101,6 +106,8 @@ class DistillationModule(L.LightningModule):
         resolution: int = 1024,
         validation_teacher_steps: int | None = None,
         student_init: str | None = None,
+        teacher_path: str | None = None,
+        discriminator_init: str | None = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -119,8 +126,13 @@ class DistillationModule(L.LightningModule):
         components = load_sdxl(model_path, model_variant)
         dtype = getattr(torch, frozen_dtype)
         self.schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
-        self.teacher_prediction = get_prediction(components.scheduler_config.get("prediction_type", "epsilon"))
-        self.student_prediction = get_prediction(prediction_type or self.teacher_prediction.name)
+        base_prediction = components.scheduler_config.get("prediction_type", "epsilon")
+        separate_teacher, teacher_scheduler = None, components.scheduler_config
+        if teacher_path:
+            separate_teacher, teacher_scheduler = load_unet(teacher_path, model_variant)
+            check_same_noise_schedule(components.scheduler_config, teacher_scheduler, model_path, teacher_path)
+        self.teacher_prediction = get_prediction(teacher_scheduler.get("prediction_type", "epsilon"))
+        self.student_prediction = get_prediction(prediction_type or base_prediction)
         self.vae = components.vae.requires_grad_(False).to(dtype).eval()
         self.latent_size = resolution // vae_scale_factor(self.vae.config)
         self.text_encoder = SDXLTextEncoder(
@@ -130,17 +142,19 @@ class DistillationModule(L.LightningModule):
             components.tokenizer_2,
             zero_empty_prompt=components.force_zeros_for_empty_prompt,
         )
-        # Built from the teacher before the student gets adapters; re-initialised every stage.
-        self.discriminator = (
-            Discriminator.from_unet(
+        # Built from the stage's teacher before the student gets adapters; the recipe carries it
+        # through the stage's phases (discriminator_init) and builds a new one every stage.
+        self.discriminator = None
+        if self.adversarial:
+            self.discriminator = Discriminator.from_unet(
                 components.unet, conditional=loss == "cond_adv", head_channels=head_channels,
                 head_blocks=head_blocks, dtype=torch.float32,
             )
-            if self.adversarial
-            else None
-        )
+            if discriminator_init:
+                self.discriminator.continue_from(discriminator_init)
         self.pair = StudentTeacher(
-            components.unet, student_type, lora_rank, lora_alpha, tuple(lora_target_modules), dtype, student_init
+            components.unet, student_type, lora_rank, lora_alpha, tuple(lora_target_modules), dtype,
+            student_init, teacher=separate_teacher,
         )
         if gradient_checkpointing:
             self.pair.unet.enable_gradient_checkpointing()
@@ -291,11 +305,11 @@ class DistillationModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.validation_outputs.clear()
 
-    def export(self, out_dir, dtype: torch.dtype = torch.float32) -> None:
+    def export(self, out_dir, dtype: torch.dtype = torch.float32, single_file: bool = True) -> None:
         """The student's exports (lightning_sdxl/export.py), written atomically into `out_dir`."""
         from lightning_sdxl.export import export_student  # export.py reads this module's classes
 
-        export_student(self, out_dir, dtype)
+        export_student(self, out_dir, dtype, single_file=single_file)
 
     # ---- checkpoints: trainable weights only ---------------------------------------------------
 

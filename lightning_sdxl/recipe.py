@@ -5,9 +5,13 @@
                                                                     (c) merged, full UNet + uncond_adv
     and before 2 to 1 the x0 conversion (a frozen copy's x0 as the target, prediction=sample).
 
-Each stage's result is the next stage's teacher and initial student; the discriminator is rebuilt
-from the teacher at every phase. Every phase is an ordinary `train(cfg)` run in its own folder
-`<output_dir>/<NN>_<stage>_<phase>/`; a finished phase leaves `DONE`, so re-running the command
+Each stage's result is the next stage's teacher and initial student; the discriminator is built
+from the teacher at every stage's phase (a) and continued through (b) and (c) (its head restarts at
+(b), where it loses the x_t input); `recipe.discriminator_per_stage=false` rebuilds it every phase.
+`recipe.skip_level_stages=[4to2,2to1]` gives those stages' unconditional phases the teacher one
+level up (the 8- and 4-step models: the paper's unnamed "skip-level" teacher, METHOD.md 4).
+
+Every phase is an ordinary `train(cfg)` run in its own folder `<output_dir>/<NN>_<stage>_<phase>/`; a finished phase leaves `DONE`, so re-running the command
 after an interruption skips finished phases and resumes the unfinished one from its last.ckpt.
 A stage's result becomes a teacher as a diffusers SDXL folder, `teacher/`, beside the phase: the
 base model's VAE, text encoders and tokenizers (linked) with the phase's exported UNet and scheduler.
@@ -25,10 +29,12 @@ from pathlib import Path
 import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_sdxl.config_checks import validate_config
-from lightning_sdxl.export import atomic_dir
+from lightning_sdxl.errors import ConfigError
+from lightning_sdxl.export import DISCRIMINATOR_FILE, atomic_dir
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
 from lightning_sdxl.train import train
 
@@ -50,6 +56,13 @@ class Phase:
     init_from: str | None = None  # "lora" or "unet" of the previous phase
     ends_stage: bool = False  # its result is the next teacher
     extra: list[str] = field(default_factory=list)
+    result_steps: int | None = None  # the steps its result samples with (None: its teacher's)
+    continues_discriminator: bool = False  # starts from the previous phase's discriminator
+    skip_level: bool = False  # its teacher is the model one level up (recipe.skip_level_stages)
+
+
+def stage_config(name: str) -> DictConfig:
+    return OmegaConf.load(Path(CONF_DIR) / "stage" / f"{name}.yaml")
 
 
 def recipe_phases(recipe: DictConfig) -> list[Phase]:
@@ -59,6 +72,7 @@ def recipe_phases(recipe: DictConfig) -> list[Phase]:
         phases.append(Phase(
             f"{recipe.first_stage}_mse", [f"stage={recipe.first_stage}", "loss=mse", "student=full"],
             ends_stage=True, extra=list(recipe.mse_overrides),
+            result_steps=stage_config(recipe.first_stage).student_steps,
         ))
     for stage in recipe.stages:
         prediction = []
@@ -69,14 +83,48 @@ def recipe_phases(recipe: DictConfig) -> list[Phase]:
             ))
             prediction = ["prediction=sample"]
         # recipe.adversarial=false: the same phases with loss=mse (the toy Table 2's baseline).
-        a, b = ("cond_adv", "uncond_adv") if recipe.get("adversarial", True) else ("mse", "mse")
+        adversarial = recipe.get("adversarial", True)
+        a, b = ("cond_adv", "uncond_adv") if adversarial else ("mse", "mse")
         name = {"cond_adv": "cond", "uncond_adv": "uncond", "mse": "mse"}
+        carry = adversarial and recipe.get("discriminator_per_stage", True)
+        steps = stage_config(stage).student_steps
+        skip = stage in (recipe.get("skip_level_stages") or [])
         phases += [
             Phase(f"{stage}_a_lora_{name[a]}", [f"stage={stage}", f"loss={a}", "student=lora", *prediction]),
-            Phase(f"{stage}_b_lora_{name[b]}", [f"stage={stage}", f"loss={b}", "student=lora", *prediction], "lora"),
-            Phase(f"{stage}_c_full_{name[b]}", [f"stage={stage}", f"loss={b}", "student=full", *prediction], "unet", ends_stage=True),
+            Phase(
+                f"{stage}_b_lora_{name[b]}", [f"stage={stage}", f"loss={b}", "student=lora", *prediction], "lora",
+                continues_discriminator=carry, skip_level=skip,
+            ),
+            Phase(
+                f"{stage}_c_full_{name[b]}", [f"stage={stage}", f"loss={b}", "student=full", *prediction], "unet",
+                ends_stage=True, result_steps=steps, continues_discriminator=carry, skip_level=skip,
+            ),
         ]
     return phases
+
+
+def skip_level_teachers(recipe: DictConfig, phases: list[Phase]) -> dict[int, int]:
+    """Phase index -> the steps of its skip-level teacher: the model one level above its teacher
+    (METHOD.md 4: the 2 to 1 stage's unconditional phases learn from the 4-step model, 4 to 2's from
+    the 8-step one). Raises ConfigError when the recipe never had that model."""
+    first = recipe.first_stage or (recipe.stages[0] if recipe.stages else None)
+    steps = stage_config(first).teacher_steps if first else None
+    levels, plan = {steps}, {}
+    for index, phase in enumerate(phases):
+        if phase.skip_level:
+            above = [level for level in levels if level > steps]
+            if not above:
+                raise ConfigError(
+                    f"recipe.skip_level_stages: phase {phase.name} needs the model one level above its "
+                    f"{steps}-step teacher, which this recipe does not produce (it starts at {first}); start "
+                    "the recipe earlier (recipe.first_stage / recipe.stages) or drop the stage from "
+                    "recipe.skip_level_stages."
+                )
+            plan[index] = min(above)
+        if phase.ends_stage:
+            steps = phase.result_steps or steps
+            levels.add(steps)
+    return plan
 
 
 def assemble_teacher(base: Path, export: Path, out: Path) -> Path:
@@ -110,6 +158,11 @@ def _user_overrides(overrides: list[str]) -> list[str]:
 def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Callback] = ()) -> Path:
     """Run (or finish) every phase of `cfg.recipe`; returns the final teacher folder.
 
+    Several devices: Lightning's DDP launcher re-runs this command once per device when the first
+    phase trains; every rank then walks the same phases, each phase's `train` joins the same
+    process group, and global rank 0 alone writes a finished phase's teacher and `DONE` between
+    two barriers, so no rank reads a file before it is complete.
+
     Args:
         cfg: the composed config of the recipe command (its `recipe` block and `output_dir`).
         overrides: the command line's overrides, applied to every phase (model, data, trainer...).
@@ -121,32 +174,47 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
     if cfg.recipe.phase_experiment:
         common.append(f"experiment={cfg.recipe.phase_experiment}")
     phases = recipe_phases(cfg.recipe)
+    skip_levels = skip_level_teachers(cfg.recipe, phases)
     # Every phase's config is checked before the first one trains (teachers do not exist yet).
     for phase in phases:
         validate_config(compose_train_config(common + phase.overrides + phase.extra + [f"model.path={base}"]))
     teacher, previous = base, None
+    steps = stage_config(cfg.recipe.first_stage or cfg.recipe.stages[0]).teacher_steps
+    models = {steps: base}  # steps -> the teacher folder of the model sampled with that many steps
     for index, phase in enumerate(phases):
         phase_dir = root / f"{index:02d}_{phase.name}"
-        init = None
+        phase_overrides = [f"model.path={teacher}", "student_init=null"]
         if phase.init_from == "lora":
-            init = previous / "export" / "lora.safetensors"
+            phase_overrides[1] = f"student_init={previous / 'export' / 'lora.safetensors'}"
         elif phase.init_from == "unet":
-            init = previous / "export" / "unet"
+            phase_overrides[1] = f"student_init={previous / 'export' / 'unet'}"
+        if phase.continues_discriminator:
+            phase_overrides.append(f"discriminator.init={previous / 'export' / DISCRIMINATOR_FILE}")
+        if index in skip_levels:
+            level = skip_levels[index]
+            phase_overrides += [f"teacher_path={models[level]}", f"stage.teacher_steps={level}"]
         if (phase_dir / DONE).exists():
             log.info("Recipe: %s is done, skipped", phase.name)
+            if phase.ends_stage and rank_zero_only.rank == 0:  # a run stopped between DONE and teacher/
+                assemble_teacher(base, phase_dir / "export", phase_dir / "teacher")
         else:
             resume = (phase_dir / "checkpoints" / "last.ckpt").exists()
             log.info("Recipe: %s (%s)", phase.name, "resuming" if resume else "starting")
             phase_cfg = compose_train_config(
-                common + phase.overrides + phase.extra
-                + [f"model.path={teacher}", f"student_init={init}" if init else "student_init=null"]
-                + (["ckpt_path=last"] if resume else [])
+                common + phase.overrides + phase.extra + phase_overrides + (["ckpt_path=last"] if resume else [])
             )
             with open_dict(phase_cfg):
                 phase_cfg.output_dir = str(phase_dir)
-            train(phase_cfg, extra_callbacks=list(extra_callbacks))
-            (phase_dir / DONE).write_text(json.dumps({"phase": phase.name, "teacher": str(teacher)}))
+            trainer = train(phase_cfg, extra_callbacks=list(extra_callbacks))
+            trainer.strategy.barrier("recipe_phase_trained")  # rank 0 has written the export
+            if trainer.is_global_zero:
+                if phase.ends_stage:
+                    assemble_teacher(base, phase_dir / "export", phase_dir / "teacher")
+                (phase_dir / DONE).write_text(json.dumps({"phase": phase.name, "overrides": phase_overrides}))
+            trainer.strategy.barrier("recipe_phase_done")
         previous = phase_dir
         if phase.ends_stage:
-            teacher = assemble_teacher(base, phase_dir / "export", phase_dir / "teacher")
+            teacher = phase_dir / "teacher"
+            steps = phase.result_steps or steps  # the x0 conversion keeps its teacher's steps
+            models[steps] = teacher
     return teacher

@@ -18,12 +18,13 @@ from lightning_sdxl.diffusion.prediction import get_prediction
 from lightning_sdxl.diffusion.sampler import sample, seeded_noise
 from lightning_sdxl.diffusion.schedule import NoiseSchedule
 from lightning_sdxl.diffusion.solver import unet_fn
-from lightning_sdxl.export import atomic_dir
+from lightning_sdxl.export import SINGLE_FILE, atomic_dir
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.loading import load_sdxl
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
 from lightning_sdxl.module import plain_config
+from lightning_sdxl.single_file import save_components
 
 LOSS_WEIGHTINGS = ("v", "uniform")
 
@@ -170,12 +171,18 @@ class TeacherModule(L.LightningModule):
             force_zeros_for_empty_prompt=self.text_encoder.zero_empty_prompt,
         )
 
-    def export(self, out_dir, dtype: torch.dtype = torch.float32) -> None:
-        """Write the trained teacher as a diffusers SDXL folder (weights in `dtype`), atomically."""
+    def export(self, out_dir, dtype: torch.dtype = torch.float32, single_file: bool = True) -> None:
+        """Write the trained teacher as a diffusers SDXL folder (weights in `dtype`), atomically,
+        with the all-in-one `sdxl_single_file.safetensors` beside it when `single_file`."""
         pipeline, training_dtype = self.pipeline(), self.unet.dtype
         with atomic_dir(out_dir) as folder:
             pipeline.to(dtype=dtype)  # the training modules themselves: cast back below
             try:
                 pipeline.save_pretrained(folder, safe_serialization=True)
+                if single_file:
+                    save_components(
+                        pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2,
+                        folder / SINGLE_FILE, dtype,
+                    )
             finally:
                 pipeline.to(dtype=training_dtype)

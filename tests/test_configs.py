@@ -409,6 +409,9 @@ BAD_CONFIGS = [
     (["loss.renoise_weights=[1,1]"], ConfigError, "loss.renoise_weights"),
     (["loss.renoise_weights=[0,0,0,0]"], ConfigError, "loss.renoise_weights"),
     (["loss.renoise_weights=[-1,1,1,1]"], ConfigError, "loss.renoise_weights"),
+    (["teacher_path=/nonexistent/teacher"], FileNotFoundError, "teacher_path"),
+    (["discriminator.init=/nonexistent/d.safetensors"], FileNotFoundError, "discriminator.init"),
+    (["loss=mse", "discriminator.init={tiny}/model_index.json"], ConfigError, "discriminator.init"),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from lightning_sdxl.models.conditioning import SDXLCondition
@@ -189,3 +190,33 @@ def test_from_unet_dtype(unet):
     disc = Discriminator.from_unet(unet, conditional=True, dtype=torch.float64)
     assert {p.dtype for p in disc.parameters()} == {torch.float64}
     assert next(unet.parameters()).dtype == torch.float32
+
+
+def test_continue_from_carries_the_backbone_and_a_head_of_the_same_shape(unet, tmp_path):
+    """The recipe's phases b and c continue the stage's discriminator (METHOD.md 3)."""
+    trained = Discriminator.from_unet(unet, conditional=True, dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(torch.randn_like(parameter))  # "trained": away from the teacher's copy
+    trained.save(tmp_path / "cond.safetensors")
+
+    unconditional = Discriminator.from_unet(unet, conditional=False, dtype=torch.float32)
+    fresh_head = {k: v.clone() for k, v in unconditional.head.state_dict().items()}
+    assert not unconditional.continue_from(tmp_path / "cond.safetensors")  # 2 C -> C input channels
+    for key, value in unconditional.backbone.state_dict().items():
+        assert torch.equal(value, trained.backbone.state_dict()[key]), key
+    assert all(torch.equal(v, fresh_head[k]) for k, v in unconditional.head.state_dict().items())
+
+    unconditional.save(tmp_path / "uncond.safetensors")
+    phase_c = Discriminator.from_unet(unet, conditional=False, dtype=torch.float32)
+    assert phase_c.continue_from(tmp_path / "uncond.safetensors")
+    for key, value in phase_c.state_dict().items():
+        assert torch.equal(value, unconditional.state_dict()[key]), key
+
+
+def test_continue_from_refuses_a_file_that_does_not_fit(unet, tmp_path):
+    state = dict(Discriminator.from_unet(unet, conditional=False).state_dict())
+    state.pop("backbone.conv_in.weight")
+    save_file({key: value.contiguous() for key, value in state.items()}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="discriminator.init=.*discriminator.init=null"):
+        Discriminator.from_unet(unet, conditional=False).continue_from(tmp_path / "partial.safetensors")

@@ -17,10 +17,12 @@ from omegaconf import open_dict
 from safetensors.torch import load_file
 
 from lightning_sdxl.export import (
+    DISCRIMINATOR_FILE,
     INFO_FILE,
     KOHYA_FILE,
     LORA_FILE,
     SCHEDULER_DIR,
+    SINGLE_FILE,
     UNET_DIR,
     atomic_dir,
     export_student,
@@ -58,6 +60,24 @@ def stock_pipeline(base: str, export: Path | None = None) -> StableDiffusionXLPi
     return pipe
 
 
+def single_file_pipeline(base: str, export: Path) -> StableDiffusionXLPipeline:
+    """The export's all-in-one file read by diffusers' own single-file reader (offline: the base's configs).
+
+    text_encoder_2 comes from the base folder: the tiny model's two text encoders are equally wide,
+    which diffusers' reader takes for a CLIP-L and loads text_encoder_2 from CLIP-L's keys (SDXL's
+    768 vs 1280 are told apart; tests/test_single_file.py checks the OpenCLIP part separately).
+    """
+    pipe = StableDiffusionXLPipeline.from_single_file(
+        str(export / SINGLE_FILE),
+        config=base,
+        local_files_only=True,
+        text_encoder_2=StableDiffusionXLPipeline.from_pretrained(base).text_encoder_2,
+        scheduler=EulerDiscreteScheduler.from_pretrained(export / SCHEDULER_DIR),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def unet_output(unet: UNet2DConditionModel, module) -> torch.Tensor:
     """One forward on fixed inputs at a mid timestep."""
     condition = module.condition(PROMPTS)
@@ -75,11 +95,12 @@ def lora_export(tiny_sdxl_path, tmp_path_factory):
     return module, export_student(module, root / "export")
 
 
-def assert_pipeline_reproduces_student(module, export: Path, base: str) -> None:
+def assert_pipeline_reproduces_student(module, export: Path, base: str, single_file: bool = False) -> None:
     steps = module.hparams.student_steps
     size = module.hparams.resolution
     expected = module.generate(PROMPTS, SEEDS, "student", steps)
-    latents = stock_pipeline(base, export)(
+    pipe = single_file_pipeline(base, export) if single_file else stock_pipeline(base, export)
+    latents = pipe(
         PROMPTS,
         num_inference_steps=steps,
         guidance_scale=0.0,
@@ -119,8 +140,17 @@ def test_x0_full_student_export_reproduces_the_one_step_model(tiny_sdxl_path, tm
         EulerDiscreteScheduler.from_pretrained(export / SCHEDULER_DIR).config.prediction_type
         == "sample"
     )
-    assert sorted(path.name for path in export.iterdir()) == [INFO_FILE, SCHEDULER_DIR, UNET_DIR]
+    assert sorted(path.name for path in export.iterdir()) == sorted(
+        [DISCRIMINATOR_FILE, INFO_FILE, SCHEDULER_DIR, SINGLE_FILE, UNET_DIR]
+    )
+    assert "x0" in json.loads((export / INFO_FILE).read_text())["comfyui"]
     assert_pipeline_reproduces_student(module, export, tiny_sdxl_path)
+    assert_pipeline_reproduces_student(module, export, tiny_sdxl_path, single_file=True)
+
+
+def test_lora_student_single_file_reproduces_the_student(lora_export, tiny_sdxl_path):
+    module, export = lora_export
+    assert_pipeline_reproduces_student(module, export, tiny_sdxl_path, single_file=True)
 
 
 def test_diffusers_lora_unfused_and_fused_equals_the_merged_unet(lora_export, tiny_sdxl_path):
@@ -186,6 +216,7 @@ def test_callback_exports_at_train_end_and_cli_reexports_last_checkpoint(make_co
         LORA_FILE,
         KOHYA_FILE,
         INFO_FILE,
+        SINGLE_FILE,
     }
     assert json.loads((export / INFO_FILE).read_text())["global_step"] == 1
     assert any(
@@ -217,7 +248,7 @@ def test_callback_exports_at_train_end_and_cli_reexports_last_checkpoint(make_co
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((again / INFO_FILE).read_text())["global_step"] == 1
-    for name in (f"{UNET_DIR}/diffusion_pytorch_model.safetensors", LORA_FILE, KOHYA_FILE):
+    for name in (f"{UNET_DIR}/diffusion_pytorch_model.safetensors", LORA_FILE, KOHYA_FILE, SINGLE_FILE):
         written, reexported = load_file(export / name), load_file(again / name)
         assert written.keys() == reexported.keys()
         assert all(torch.equal(written[key], reexported[key]) for key in written), name

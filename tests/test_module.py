@@ -166,3 +166,36 @@ def test_discriminator_learns_to_separate_real_from_fake(make_config, tiny_sdxl_
         discriminator_loss(real, fake).backward()
         optimizer.step()
     assert accuracy() >= 0.9 > before
+
+
+def test_a_separate_teacher_path_is_the_teacher_and_model_path_the_student(make_config, tiny_sdxl_path, tmp_path):
+    """The skip-level teacher (METHOD.md 4): teacher_path's UNet teaches, the student starts at model.path."""
+    from lightning_sdxl.models.tiny import ensure_tiny_sdxl
+
+    other = str(ensure_tiny_sdxl(tmp_path / "other-teacher", seed=1))  # same architecture, other weights
+    own, _ = build_module(make_config, tiny_sdxl_path, "loss=uncond_adv", "student=lora")
+    module, _ = build_module(make_config, tiny_sdxl_path, "loss=uncond_adv", "student=lora", f"teacher_path={other}")
+    separate, _ = build_module(make_config, other, "loss=uncond_adv", "student=full")
+    with torch.no_grad():
+        condition = module.condition(["a red circle", "a blue square"])
+    x_t = torch.randn(2, 4, module.latent_size, module.latent_size, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 499])
+    with torch.no_grad():
+        assert torch.equal(module.pair.teacher(x_t, t, condition), separate.pair.teacher(x_t, t, condition))
+        assert torch.equal(module.pair.student(x_t, t, condition), own.pair.student(x_t, t, condition))
+        assert not torch.equal(module.pair.teacher(x_t, t, condition), own.pair.teacher(x_t, t, condition))
+    # The discriminator is the stage's: built from model.path, not from the skip-level teacher.
+    for key, value in module.discriminator.backbone.state_dict().items():
+        assert torch.equal(value, own.discriminator.backbone.state_dict()[key]), key
+
+
+def test_discriminator_init_continues_an_earlier_phase(make_config, tiny_sdxl_path, tmp_path):
+    phase_a, _ = build_module(make_config, tiny_sdxl_path, "loss=cond_adv")
+    with torch.no_grad():
+        for parameter in phase_a.discriminator.parameters():
+            parameter.add_(0.01)
+    phase_a.export(tmp_path / "export")
+    saved = tmp_path / "export" / "discriminator.safetensors"
+    phase_b, _ = build_module(make_config, tiny_sdxl_path, "loss=uncond_adv", f"discriminator.init={saved}")
+    for key, value in phase_b.discriminator.backbone.state_dict().items():
+        assert torch.equal(value, phase_a.discriminator.backbone.state_dict()[key]), key

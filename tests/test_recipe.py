@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -9,7 +13,8 @@ import pytest
 from conftest import CPU_OVERRIDES, compose_config
 from diffusers import StableDiffusionXLPipeline
 
-from lightning_sdxl.recipe import DONE, recipe_phases, run_recipe
+from lightning_sdxl.errors import ConfigError
+from lightning_sdxl.recipe import DONE, recipe_phases, run_recipe, skip_level_teachers
 
 
 def test_paper_recipe_phase_order():
@@ -19,6 +24,28 @@ def test_paper_recipe_phase_order():
     expected = ["128to32_mse"] + [f"{s}_{p}" for s in stages for p in ("a_lora_cond", "b_lora_uncond", "c_full_uncond")]
     expected += ["x0_conversion", "2to1_a_lora_cond", "2to1_b_lora_uncond", "2to1_c_full_uncond"]
     assert names == expected
+
+
+def test_discriminator_is_continued_within_a_stage_and_rebuilt_at_each_stage():
+    phases = recipe_phases(compose_config(["experiment=toy_recipe"]).recipe)
+    continued = [phase.name for phase in phases if phase.continues_discriminator]
+    assert continued == [f"{s}_{p}" for s in ("32to8", "8to4", "4to2", "2to1") for p in ("b_lora_uncond", "c_full_uncond")]
+    per_phase = recipe_phases(compose_config(["experiment=toy_recipe", "recipe.discriminator_per_stage=false"]).recipe)
+    assert not any(phase.continues_discriminator for phase in per_phase)
+
+
+def test_skip_level_teachers_are_the_models_one_level_up():
+    cfg = compose_config(["experiment=toy_recipe", "recipe.skip_level_stages=[4to2,2to1]"])
+    phases = recipe_phases(cfg.recipe)
+    plan = {phases[index].name: steps for index, steps in skip_level_teachers(cfg.recipe, phases).items()}
+    # 4 to 2 learns from the 8-step model; 2 to 1 (after the x0 conversion) from the 4-step one.
+    assert plan == {"4to2_b_lora_uncond": 8, "4to2_c_full_uncond": 8, "2to1_b_lora_uncond": 4, "2to1_c_full_uncond": 4}
+    assert skip_level_teachers(compose_config(["experiment=toy_recipe"]).recipe, phases[:0]) == {}
+
+    short = compose_config(["experiment=toy_recipe", "recipe.first_stage=null", "recipe.stages=[2to1]",
+                            "recipe.skip_level_stages=[2to1]"])
+    with pytest.raises(ConfigError, match="recipe.skip_level_stages"):
+        skip_level_teachers(short.recipe, recipe_phases(short.recipe))
 
 
 def test_mse_baseline_recipe_has_the_same_phases_with_mse_only():
@@ -83,6 +110,37 @@ def test_full_toy_recipe_runs_every_stage_and_phase(tmp_path):
     cfg = compose_config(overrides[len(CPU_OVERRIDES):], tmp_path / "recipe")
     run_recipe(cfg, overrides)
     assert len(list((tmp_path / "recipe").glob(f"*/{DONE}"))) == 14  # 128to32, 3 x 3 stages, x0, 2to1 x 3
+
+
+@pytest.mark.slow
+def test_recipe_on_two_ddp_processes_with_a_skip_level_teacher(tmp_path):
+    """The recipe command with trainer.devices=2 (Lightning re-launches it per rank): both ranks walk
+    every phase in step, rank 0 writes each teacher and DONE, and a second run skips them all."""
+    command = [
+        sys.executable, "train.py", *CPU_OVERRIDES, "experiment=toy_recipe", "recipe.first_stage=null",
+        "recipe.stages=[4to2,2to1]", "recipe.skip_level_stages=[2to1]", "steps=4", "checkpoint.every_n_steps=2",
+        "validation.every_n_steps=4", "trainer.devices=2", f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    first = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    names = ["00_4to2_a_lora_cond", "01_4to2_b_lora_uncond", "02_4to2_c_full_uncond", "03_x0_conversion",
+             "04_2to1_a_lora_cond", "05_2to1_b_lora_uncond", "06_2to1_c_full_uncond"]
+    assert sorted(path.parent.name for path in tmp_path.glob(f"*/{DONE}")) == names
+    rank_1 = (tmp_path / "train_ddp_process_1.log").read_text()
+    assert all(f"Recipe: {name[3:]} (starting)" in rank_1 for name in names)  # rank 1 trained every phase
+    info = json.loads((tmp_path / "05_2to1_b_lora_uncond" / "export" / "export_info.json").read_text())
+    # The student starts from the x0-converted 2-step model; its teacher is the 4-step one (the base here).
+    assert Path(info["base_model"]) == tmp_path / "03_x0_conversion" / "teacher"
+    assert Path(info["teacher"]).name.startswith("tiny-sdxl")
+    assert info["stage"] == "4to1" and info["prediction_type"] == "sample"
+    assert (tmp_path / "06_2to1_c_full_uncond" / "teacher" / "model_index.json").exists()
+
+    second = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert log.count("is done, skipped") == len(names) and "(starting)" not in log and "(resuming)" not in log
 
 
 def test_user_overrides_reach_every_phase_except_what_phases_set():

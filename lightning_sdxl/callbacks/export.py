@@ -17,12 +17,14 @@ class ExportCallback(L.Callback):
     Args:
         dirpath: the export folder (the run directory's `export/`).
         dtype: "float32", "float16" or "bfloat16" for the written weights.
+        single_file: also write the all-in-one checkpoint (lightning_sdxl/single_file.py).
     """
 
-    def __init__(self, dirpath: str, dtype: str = "float32"):
+    def __init__(self, dirpath: str, dtype: str = "float32", single_file: bool = True):
         self.dirpath = Path(dirpath)
         self.dtype = getattr(torch, dtype)
+        self.single_file = single_file
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            pl_module.export(self.dirpath, self.dtype)
+            pl_module.export(self.dirpath, self.dtype, single_file=self.single_file)

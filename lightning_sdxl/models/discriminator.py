@@ -10,9 +10,11 @@ d(x_t, t, c) is shared by the real and the fake branch and computed once per ste
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_sdxl.models.conditioning import SDXLCondition
@@ -341,6 +343,40 @@ class Discriminator(nn.Module):
         return cls(
             UNetEncoder.from_unet(unet, dtype=dtype), conditional, head_channels, head_blocks
         )
+
+    def save(self, path: str | Path) -> None:
+        """The discriminator's weights as safetensors, for the next phase of the stage (`continue_from`)."""
+        state = {key: value.detach().to("cpu").contiguous() for key, value in self.state_dict().items()}
+        save_file(state, str(path), metadata={"conditional": str(self.conditional)})
+
+    def continue_from(self, path: str | Path) -> bool:
+        """Continue the discriminator an earlier phase of the same stage trained (`save`).
+
+        d is initialised from the teacher once per stage and trained through the stage's phases
+        (METHOD.md 3). The backbone always continues; the head only when its shape matches: phase
+        a's conditional head sees twice the channels of the unconditional one of phases b and c,
+        so phase b starts a fresh head on the continued backbone.
+
+        Returns:
+            Whether the head continued too.
+        """
+        state = load_file(str(path))
+        parts = {
+            name: {key.removeprefix(f"{name}."): value for key, value in state.items() if key.startswith(f"{name}.")}
+            for name in ("backbone", "head")
+        }
+        try:
+            self.backbone.load_state_dict(parts["backbone"])
+        except RuntimeError as error:
+            raise ValueError(
+                f"discriminator.init={path} is not a discriminator of this teacher's architecture "
+                f"({str(error).splitlines()[0]}); set discriminator.init=null to build one from the teacher."
+            ) from error
+        own = self.head.state_dict()
+        if parts["head"].keys() != own.keys() or any(parts["head"][k].shape != own[k].shape for k in own):
+            return False
+        self.head.load_state_dict(parts["head"])
+        return True
 
     def features(
         self, sample: torch.Tensor, timestep: torch.Tensor | float, condition: SDXLCondition

@@ -87,6 +87,32 @@ def load_sdxl(path: str, variant: str | None = None, dtype: torch.dtype = torch.
     )
 
 
+def load_unet(
+    path: str, variant: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[UNet2DConditionModel, dict]:
+    """The UNet and scheduler config of an SDXL pipeline folder or hub id (a second teacher)."""
+    check_pipeline_folder(path)
+    unet = UNet2DConditionModel.from_pretrained(
+        path, subfolder="unet", variant=variant, torch_dtype=dtype, use_safetensors=True
+    )
+    return unet, dict(EulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
+
+
+# Scheduler keys that define the forward process q(x_t | x_0); two models trained on different
+# ones do not share timesteps.
+NOISE_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+
+
+def check_same_noise_schedule(config: dict, other: dict, path: str, other_path: str) -> None:
+    """Raise ValueError when two scheduler configs define different noise schedules."""
+    differ = [key for key in NOISE_SCHEDULE_KEYS if config.get(key) != other.get(key)]
+    if differ:
+        raise ValueError(
+            f"{other_path} has another noise schedule than {path} ({', '.join(differ)} differ): "
+            "a teacher and its student must share the forward process; give a teacher distilled from the same base."
+        )
+
+
 def kwargs_tf(kwargs: dict) -> dict:
     """transformers 5 spells diffusers' `torch_dtype` as `dtype`."""
     return {"variant": kwargs["variant"], "dtype": kwargs["torch_dtype"], "use_safetensors": True}

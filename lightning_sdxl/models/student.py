@@ -50,6 +50,8 @@ class StudentTeacher(nn.Module):
         student_init: start the student elsewhere than at the teacher (the recipe's phases b and
             c, METHOD.md 2): a LoRA file (diffusers/peft format, as `export.py` writes) for a LoRA
             student, or a diffusers UNet folder for a full student. None: the teacher itself.
+        teacher: a separate teacher UNet (the skip-level teacher, METHOD.md 4); `unet` is then only
+            the student's initialisation, and a LoRA student no longer shares its UNet with the teacher.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class StudentTeacher(nn.Module):
         lora_target_modules: tuple[str, ...] = LCM_LORA_TARGET_MODULES,
         teacher_dtype: torch.dtype = torch.float32,
         student_init: str | None = None,
+        teacher: UNet2DConditionModel | None = None,
     ):
         super().__init__()
         if student_type not in ("lora", "full"):
@@ -80,12 +83,14 @@ class StudentTeacher(nn.Module):
             for parameter in unet.parameters():
                 if parameter.requires_grad:
                     parameter.data = parameter.data.float()  # adapters train in float32
-            self.teacher_unet = None
+            self.teacher_unet = teacher  # None: the base UNet with its adapters disabled
         else:
-            self.teacher_unet = copy.deepcopy(unet).requires_grad_(False).to(teacher_dtype).eval()
+            self.teacher_unet = teacher if teacher is not None else copy.deepcopy(unet)
             if student_init:
                 unet = UNet2DConditionModel.from_pretrained(student_init, use_safetensors=True)
             unet.requires_grad_(True).float()
+        if self.teacher_unet is not None:
+            self.teacher_unet.requires_grad_(False).to(teacher_dtype).eval()
         self.unet = unet
 
     def train(self, mode: bool = True) -> StudentTeacher:
