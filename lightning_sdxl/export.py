@@ -14,11 +14,10 @@ so that `StableDiffusionXLPipeline.from_pretrained(base, unet=UNet2DConditionMod
 out / "unet"), scheduler=EulerDiscreteScheduler.from_pretrained(out / "scheduler"))` with
 `guidance_scale=0` and the student's step count reproduces the student (tests/test_export.py).
 
-The kohya keys are diffusers-named kohya keys (`lora_unet_down_blocks_0_..._to_q`), as diffusers'
-`convert_state_dict_to_kohya` writes them and as kohya's sd-scripts writes SD 1.x LoRAs; diffusers'
-kohya loader, ComfyUI (`model_lora_keys_unet` maps `lora_unet_<diffusers key>`) and A1111
-(`convert_diffusers_name_to_compvis`) read them. They are not sd-scripts' SDXL names
-(`lora_unet_input_blocks_*`), which would need a hand-written key mapping.
+The kohya keys are sd-scripts' SDXL names (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`):
+diffusers' kohya loader (`_maybe_map_sgm_blocks_to_diffusers`), ComfyUI (`model_lora_keys_unet` maps
+`lora_unet_<SGM key>`) and A1111 (which passes SGM names through) read them. A1111 maps diffusers
+names (`lora_unet_down_blocks_*`) with SD 1.x's layout and would drop SDXL's `up_blocks.0` upsampler.
 
 The all-in-one single file, `sdxl_single_file.safetensors` (ComfyUI's Load Checkpoint, A1111), is
 written by `single_file.py` (diffusers reads these files but has no writer): the merged UNet with the
@@ -36,10 +35,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,7 +43,9 @@ from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from lightning_sdxl.single_file import save_components
+from lightning_sdxl.io import atomic_dir
+from lightning_sdxl.models.loading import cast
+from lightning_sdxl.single_file import save_components, sgm_unet_names
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +86,7 @@ def merged_unet(module, dtype: torch.dtype = torch.float32) -> UNet2DConditionMo
     if is_lora_student(module):
         unet.fuse_lora()  # peft merge: W + (alpha / r) B A, per adapted layer
         unet.unload_lora()  # drop the adapter modules, keep the merged base layers
-    return unet.requires_grad_(False).to(dtype)
+    return cast(unet.requires_grad_(False), dtype)
 
 
 def inference_scheduler(module) -> EulerDiscreteScheduler:
@@ -119,14 +116,19 @@ def lora_state_dict(module, dtype: torch.dtype = torch.float32) -> dict[str, tor
 
 
 def kohya_state_dict(module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The student's LoRA weights in kohya naming: `lora_unet_<module>.{lora_down,lora_up}.weight`, `.alpha`.
+    """The student's LoRA in sd-scripts' SDXL naming: `lora_unet_<SGM module>.{lora_down,lora_up}.weight`, `.alpha`.
 
-    diffusers' `convert_state_dict_to_kohya` names every `.alpha` after the rank (its `len(lora_down)`);
-    the adapter's real alpha (per layer, from peft's `alpha_pattern` when set) replaces it here.
+    diffusers' `convert_state_dict_to_kohya` writes the layers' diffusers names (`lora_unet_down_blocks_*`);
+    they are renamed to the SGM (LDM) names sd-scripts writes for SDXL (`lora_unet_input_blocks_*`,
+    single_file.py's UNet table), which diffusers, ComfyUI and A1111 all map: A1111 reads diffusers
+    names with SD 1.x's layout and would drop SDXL's `up_blocks.0` upsampler LoRA. Every `.alpha`
+    is the adapter's real alpha (per layer, from peft's `alpha_pattern` when set), where diffusers
+    writes the rank.
     """
     unet = module.pair.unet
     peft_state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
     kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in peft_state.items()})
+    sgm = {"lora_unet_" + name.replace(".", "_"): "lora_unet_" + ldm.replace(".", "_") for name, ldm in sgm_unet_names(unet).items()}
     alphas = {
         "lora_unet_" + name.replace(".", "_"): float(layer.lora_alpha[ADAPTER])
         for name, layer in unet.named_modules()
@@ -135,11 +137,11 @@ def kohya_state_dict(module, dtype: torch.dtype = torch.float32) -> dict[str, to
     state = {}
     for key, value in kohya.items():
         name, _, suffix = key.partition(".")
+        if name not in alphas:
+            raise KeyError(f"No peft LoRA layer matches the kohya key {key!r}.")
         if suffix == "alpha":
-            if name not in alphas:
-                raise KeyError(f"No peft LoRA layer matches the kohya key {key!r}.")
             value = torch.tensor(alphas[name])
-        state[key] = value.detach().to("cpu", dtype).contiguous()
+        state[f"{sgm[name]}.{suffix}"] = value.detach().to("cpu", dtype).contiguous()
     return state
 
 
@@ -171,30 +173,6 @@ def export_info(module) -> dict:
     if hparams.get("teacher_path"):
         info["teacher"] = hparams.teacher_path
     return info
-
-
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `path`; swap it in for `path` only if the block succeeds.
-
-    A previous folder at `path` is renamed aside, the new one renamed in, then the old one removed:
-    `path` is at every moment either the complete old export or the complete new one (or, for an
-    instant between the two renames, absent with the old one beside it as `.<name>.old-*`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # os.mkdir, not tempfile.mkdtemp: the export keeps the umask's permissions, not 0700.
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    temporary.mkdir()
-    try:
-        yield temporary
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        if path.exists():
-            os.replace(path, old)
-        os.replace(temporary, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def export_student(

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+def normal_permissions(path: str | os.PathLike) -> None:
+    """Give a file the umask's permissions (0644 under umask 022): mkstemp and safetensors' writer
+    create 0600 files, which teammates on a shared cluster could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 @contextmanager
@@ -21,13 +32,38 @@ def atomic_path(path: str | os.PathLike):
     os.close(handle)
     try:
         yield Path(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        normal_permissions(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path`; swap it in for `path` only if the block succeeds.
+
+    A previous folder at `path` is renamed aside, the new one renamed in, then the old one removed:
+    `path` is at every moment either the complete old export or the complete new one (or, for an
+    instant between the two renames, absent with the old one beside it as `.<name>.old-*`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # os.mkdir, not tempfile.mkdtemp: the export keeps the umask's permissions, not 0700.
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    temporary.mkdir()
+    try:
+        yield temporary
+        for file in temporary.rglob("*"):
+            if file.is_file() and not file.is_symlink():
+                normal_permissions(file)
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        if path.exists():
+            os.replace(path, old)
+        os.replace(temporary, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

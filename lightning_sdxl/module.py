@@ -26,7 +26,7 @@ from lightning_sdxl.diffusion.stage_grid import StageGrid
 from lightning_sdxl.losses import Renoiser, discriminator_loss, generator_loss, mse_loss
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.discriminator import Discriminator
-from lightning_sdxl.models.loading import check_same_noise_schedule, load_sdxl, load_unet
+from lightning_sdxl.models.loading import cast, check_same_noise_schedule, load_sdxl, load_unet
 from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeacher
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
@@ -133,7 +133,7 @@ class DistillationModule(L.LightningModule):
             check_same_noise_schedule(components.scheduler_config, teacher_scheduler, model_path, teacher_path)
         self.teacher_prediction = get_prediction(teacher_scheduler.get("prediction_type", "epsilon"))
         self.student_prediction = get_prediction(prediction_type or base_prediction)
-        self.vae = components.vae.requires_grad_(False).to(dtype).eval()
+        self.vae = cast(components.vae.requires_grad_(False), dtype).eval()
         self.latent_size = resolution // vae_scale_factor(self.vae.config)
         self.text_encoder = SDXLTextEncoder(
             components.text_encoder.to(dtype),

@@ -34,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_sdxl.config_checks import validate_config
 from lightning_sdxl.errors import ConfigError
-from lightning_sdxl.export import DISCRIMINATOR_FILE, atomic_dir
+from lightning_sdxl.export import DISCRIMINATOR_FILE
+from lightning_sdxl.io import atomic_dir
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
 from lightning_sdxl.train import train
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from lightning_sdxl.io import atomic_path
 
 UNET_PREFIX = "model.diffusion_model."  # single_file_utils.LDM_UNET_KEY
 VAE_PREFIX = "first_stage_model."  # single_file_utils.LDM_VAE_KEYS[0]
@@ -149,6 +150,14 @@ def _unet_table(config) -> list[Row]:
     return table
 
 
+def sgm_unet_names(unet) -> dict[str, str]:
+    """diffusers module name -> SGM (LDM) module name for every weight-bearing module of `unet`,
+    e.g. `down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in` (the kohya SDXL LoRA keys)."""
+    weights = {f"{name}.weight": None for name, module in unet.named_modules() if getattr(module, "weight", None) is not None}
+    renamed = _rename(weights, _unet_table(unet.config), "unet")
+    return {source.removesuffix(".weight"): target.removesuffix(".weight") for source, target in zip(weights, renamed)}
+
+
 def _vae_table(config) -> list[Row]:
     """Inverse of convert_ldm_vae_checkpoint, built from the VAE's config: encoder `down.i.block.j`
     (layers_per_block resnets) and `down.i.downsample`, decoder `up.(n-1-i).block.j`
@@ -268,22 +277,6 @@ def sgm_state_dict(
     }
 
 
-def _atomic_save(state: dict[str, torch.Tensor], out_file: str | os.PathLike) -> Path:
-    """Write to a temporary file beside `out_file`, then rename over it: a reader never sees a
-    partial file, and a failed write leaves an existing `out_file` untouched."""
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_file
-
-
 def save_components(
     unet,
     vae,
@@ -293,7 +286,10 @@ def save_components(
     dtype: torch.dtype = torch.float16,
 ) -> Path:
     """Write loaded SDXL components (e.g. a merged student UNet in memory) as one SGM file."""
-    return _atomic_save(sgm_state_dict(unet, vae, text_encoder, text_encoder_2, dtype), out_file)
+    state = sgm_state_dict(unet, vae, text_encoder, text_encoder_2, dtype)
+    with atomic_path(out_file) as temporary:
+        save_file(state, str(temporary), metadata={"format": "pt"})
+    return Path(out_file)
 
 
 def save_single_file(

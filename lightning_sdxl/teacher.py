@@ -18,7 +18,8 @@ from lightning_sdxl.diffusion.prediction import get_prediction
 from lightning_sdxl.diffusion.sampler import sample, seeded_noise
 from lightning_sdxl.diffusion.schedule import NoiseSchedule
 from lightning_sdxl.diffusion.solver import unet_fn
-from lightning_sdxl.export import SINGLE_FILE, atomic_dir
+from lightning_sdxl.export import SINGLE_FILE
+from lightning_sdxl.io import atomic_dir
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.loading import load_sdxl
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like

@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 # Lightning warnings that describe this design, not a problem: the frozen teacher, VAE and text
 # encoders are in eval mode on purpose, and manual-optimization checkpoints hold post-step weights.
-for _message in (r"Found \d+ module\(s\) in eval mode", r"Using ModelCheckpoint with manual optimization"):
+# The third is Lightning 2.6's own use of a torch API that torch 2.14 deprecates.
+for _message in (
+    r"Found \d+ module\(s\) in eval mode",
+    r"Using ModelCheckpoint with manual optimization",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+):
     warnings.filterwarnings("ignore", message=_message)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from conftest import compose_config
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from omegaconf import open_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lightning_sdxl.export import (
     DISCRIMINATOR_FILE,
@@ -24,9 +25,9 @@ from lightning_sdxl.export import (
     SCHEDULER_DIR,
     SINGLE_FILE,
     UNET_DIR,
-    atomic_dir,
     export_student,
 )
+from lightning_sdxl.io import atomic_dir
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a large red circle at the top left on a white background", "a small blue square"]
@@ -171,6 +172,11 @@ def test_kohya_lora_has_kohya_keys_and_loads_like_the_diffusers_lora(lora_export
     module, export = lora_export
     state = load_file(export / KOHYA_FILE)
     assert all(key.startswith("lora_unet_") for key in state)
+    # sd-scripts' SDXL (SGM) names, which A1111 maps whole; e.g. the up_blocks.0 upsampler is output_blocks.2.2.
+    assert all(key.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+               for key in state), sorted(state)[:3]
+    assert "lora_unet_output_blocks_2_2_conv.lora_down.weight" in state
+    assert "lora_unet_input_blocks_1_0_emb_layers_1.alpha" in state  # down_blocks.0.resnets.0.time_emb_proj
     names = {key.split(".")[0] for key in state}
     assert {key.split(".", 1)[1] for key in state} == {
         "lora_down.weight",
@@ -264,5 +270,10 @@ def test_atomic_dir_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_pat
     assert [path.name for path in target.iterdir()] == ["old"]
     with atomic_dir(target) as folder:
         (folder / "new").write_text("2")
-    assert [path.name for path in target.iterdir()] == ["new"]
+        save_file({"w": torch.zeros(1)}, folder / "weights.safetensors")  # safetensors writes 0600
+    assert sorted(path.name for path in target.iterdir()) == ["new", "weights.safetensors"]
     assert [path.name for path in tmp_path.iterdir()] == ["export"], "temporary folders left"
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in target.iterdir():  # readable by the group and others as the umask allows
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

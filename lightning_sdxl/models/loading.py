@@ -87,6 +87,14 @@ def load_sdxl(path: str, variant: str | None = None, dtype: torch.dtype = torch.
     )
 
 
+def cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model.to(dtype)`, skipped when every weight already has it: diffusers 0.42 warns on each
+    `.to(dtype)` of a UNet or VAE ("modules ... should be kept in float32: []"), even a no-op one."""
+    if all(tensor.dtype == dtype for tensor in model.parameters()):
+        return model
+    return model.to(dtype)
+
+
 def load_unet(
     path: str, variant: str | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[UNet2DConditionModel, dict]:

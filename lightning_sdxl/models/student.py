@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lightning_sdxl.models.conditioning import SDXLCondition
+from lightning_sdxl.models.loading import cast
 
 # LCM-LoRA's target modules: every linear and conv layer of the UNet's blocks, but not conv_in,
 # conv_out or the shared time embedding (METHOD.md 2).
@@ -70,7 +71,7 @@ class StudentTeacher(nn.Module):
             raise ValueError(f"student_type={student_type!r}: choose 'lora' or 'full'.")
         self.student_type = student_type
         if student_type == "lora":
-            unet.requires_grad_(False).to(teacher_dtype)
+            cast(unet.requires_grad_(False), teacher_dtype)
             config = LoraConfig(
                 r=lora_rank,
                 lora_alpha=lora_alpha or lora_rank,
@@ -90,7 +91,7 @@ class StudentTeacher(nn.Module):
                 unet = UNet2DConditionModel.from_pretrained(student_init, use_safetensors=True)
             unet.requires_grad_(True).float()
         if self.teacher_unet is not None:
-            self.teacher_unet.requires_grad_(False).to(teacher_dtype).eval()
+            cast(self.teacher_unet.requires_grad_(False), teacher_dtype).eval()
         self.unet = unet
 
     def train(self, mode: bool = True) -> StudentTeacher:

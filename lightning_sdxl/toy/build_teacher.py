@@ -22,7 +22,7 @@ from omegaconf import open_dict
 
 from lightning_sdxl import ASSETS_DIR
 from lightning_sdxl.data.toy_world import ToyWorld
-from lightning_sdxl.export import atomic_dir
+from lightning_sdxl.io import atomic_dir
 from lightning_sdxl.models.tiny import TOY_RESOLUTION, build_toy_sdxl
 from lightning_sdxl.recipe import compose_train_config
 from lightning_sdxl.toy.autoencoder import train_autoencoder
