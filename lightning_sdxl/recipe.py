@@ -11,8 +11,9 @@ from the teacher at every stage's phase (a) and continued through (b) and (c) (i
 `recipe.skip_level_stages=[4to2,2to1]` gives those stages' unconditional phases the teacher one
 level up (the 8- and 4-step models: the paper's unnamed "skip-level" teacher, METHOD.md 4).
 
-Every phase is an ordinary `train(cfg)` run in its own folder `<output_dir>/<NN>_<stage>_<phase>/`; a finished phase leaves `DONE`, so re-running the command
-after an interruption skips finished phases and resumes the unfinished one from its last.ckpt.
+Every phase is an ordinary `train(cfg)` run in its own folder `<output_dir>/<NN>_<stage>_<phase>/`;
+a finished phase leaves `DONE`, so re-running the command after an interruption skips finished
+phases and resumes the unfinished one from its last.ckpt.
 A stage's result becomes a teacher as a diffusers SDXL folder, `teacher/`, beside the phase: the
 base model's VAE, text encoders and tokenizers (linked) with the phase's exported UNet and scheduler.
 """
@@ -44,7 +45,10 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 DONE = "DONE"
 # Keys each phase sets itself; the user's own values for them are dropped from the phase overrides
 # (group choices and paths only: `student.lr=...` or `loss.renoise_weights=...` pass through).
-PHASE_KEYS = {"stage", "loss", "student", "prediction", "student_init", "model.path", "ckpt_path", "output_dir", "experiment"}
+PHASE_KEYS = {
+    "stage", "loss", "student", "prediction", "student_init", "teacher_path", "discriminator.init", "model.path",
+    "ckpt_path", "output_dir", "experiment",
+}
 RECIPE_PREFIXES = ("recipe", "hydra")
 
 
