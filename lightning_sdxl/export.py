@@ -97,13 +97,20 @@ def inference_scheduler(module) -> EulerDiscreteScheduler:
     )
 
 
-def lora_adapter_metadata(module) -> dict:
-    """The peft `LoraConfig` as a dict: `load_lora_weights` rebuilds alpha and rank from it."""
-    return module.pair.unet.peft_config[ADAPTER].to_dict()
+def save_lora_files(unet: UNet2DConditionModel, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+    """The LoRA of a peft-adapted UNet as `lora.safetensors` (diffusers: peft names with the adapter's
+    `LoraConfig` as metadata, from which `load_lora_weights` rebuilds rank and alpha) and `lora_kohya.safetensors`."""
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=lora_state_dict(unet, dtype),
+        weight_name=LORA_FILE,
+        unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
+    )
+    save_file(kohya_state_dict(unet, dtype), folder / KOHYA_FILE, metadata={"format": "pt"})
 
 
-def lora_state_dict(module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The student's LoRA weights as `save_lora_weights` takes them: peft names (`<module>.lora_A.weight`).
+def lora_state_dict(unet: UNet2DConditionModel, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA weights as `save_lora_weights` takes them: peft names (`<module>.lora_A.weight`).
 
     Not passed through diffusers' `convert_state_dict_to_diffusers`: in diffusers 0.42 it renames only
     attention keys (`to_q.lora_A` -> `to_q.lora.down`) and leaves the conv, feed-forward and proj keys
@@ -111,12 +118,12 @@ def lora_state_dict(module, dtype: torch.dtype = torch.float32) -> dict[str, tor
     so such a mixed file loads without its attention (or without its other) layers, with only a
     warning. Peft names are what diffusers' own `save_lora_adapter` writes, and they load whole.
     """
-    peft_state = get_peft_model_state_dict(module.pair.unet, adapter_name=ADAPTER)
+    peft_state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
     return {key: value.detach().to("cpu", dtype).contiguous() for key, value in peft_state.items()}
 
 
-def kohya_state_dict(module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The student's LoRA in sd-scripts' SDXL naming: `lora_unet_<SGM module>.{lora_down,lora_up}.weight`, `.alpha`.
+def kohya_state_dict(unet: UNet2DConditionModel, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA in sd-scripts' SDXL naming: `lora_unet_<SGM module>.{lora_down,lora_up}.weight`, `.alpha`.
 
     diffusers' `convert_state_dict_to_kohya` writes the layers' diffusers names (`lora_unet_down_blocks_*`);
     they are renamed to the SGM (LDM) names sd-scripts writes for SDXL (`lora_unet_input_blocks_*`,
@@ -125,7 +132,6 @@ def kohya_state_dict(module, dtype: torch.dtype = torch.float32) -> dict[str, to
     is the adapter's real alpha (per layer, from peft's `alpha_pattern` when set), where diffusers
     writes the rank.
     """
-    unet = module.pair.unet
     peft_state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
     kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in peft_state.items()})
     sgm = {"lora_unet_" + name.replace(".", "_"): "lora_unet_" + ldm.replace(".", "_") for name, ldm in sgm_unet_names(unet).items()}
@@ -209,15 +215,7 @@ def export_student(
                     "prediction_type (the full UNet export's scheduler/ has it).",
                     module.student_prediction.name,
                 )
-            StableDiffusionXLPipeline.save_lora_weights(
-                folder,
-                unet_lora_layers=lora_state_dict(module, dtype),
-                weight_name=LORA_FILE,
-                unet_lora_adapter_metadata=lora_adapter_metadata(module),
-            )
-            save_file(
-                kohya_state_dict(module, dtype), folder / KOHYA_FILE, metadata={"format": "pt"}
-            )
+            save_lora_files(module.pair.unet, folder, dtype)
         if module.discriminator is not None:
             module.discriminator.save(folder / DISCRIMINATOR_FILE)
         info = {**export_info(module), **(info or {})}

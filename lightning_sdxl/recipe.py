@@ -16,6 +16,9 @@ a finished phase leaves `DONE`, so re-running the command after an interruption 
 phases and resumes the unfinished one from its last.ckpt.
 A stage's result becomes a teacher as a diffusers SDXL folder, `teacher/`, beside the phase: the
 base model's VAE, text encoders and tokenizers (linked) with the phase's exported UNet and scheduler.
+Its LoRA for the base model (`base_lora/`, extracted from the full UNet: the phases' own LoRAs sit on
+the stage's teacher) and `<output_dir>/releases.json` (per step count: pipeline, UNet, scheduler,
+single file, LoRA) are what users ship.
 """
 
 from __future__ import annotations
@@ -35,14 +38,24 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_sdxl.config_checks import validate_config
 from lightning_sdxl.errors import ConfigError
-from lightning_sdxl.export import DISCRIMINATOR_FILE
-from lightning_sdxl.io import atomic_dir
+from lightning_sdxl.export import (
+    DISCRIMINATOR_FILE,
+    INFO_FILE,
+    KOHYA_FILE,
+    LORA_FILE,
+    SCHEDULER_DIR,
+    SINGLE_FILE,
+    UNET_DIR,
+)
+from lightning_sdxl.io import atomic_dir, atomic_path
+from lightning_sdxl.lora_extract import extract_to_folder
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
 from lightning_sdxl.train import train
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 DONE = "DONE"
+BASE_LORA_DIR, RELEASES_FILE = "base_lora", "releases.json"
 # Keys each phase sets itself; the user's own values for them are dropped from the phase overrides
 # (group choices and paths only: `student.lr=...` or `loss.renoise_weights=...` pass through).
 PHASE_KEYS = {
@@ -145,6 +158,35 @@ def assemble_teacher(base: Path, export: Path, out: Path) -> Path:
     return out
 
 
+def finish_stage(base: Path, phase_dir: Path, lora_rank: int | None) -> None:
+    """A finished stage's products: `teacher/` (the next stage's teacher) and, with a rank, the LoRA
+    that puts the stage's model on the base (`base_lora/`, lora_extract.py)."""
+    assemble_teacher(base, phase_dir / "export", phase_dir / "teacher")
+    if lora_rank and not (phase_dir / BASE_LORA_DIR / INFO_FILE).exists():
+        extract_to_folder(str(base), str(phase_dir / "export" / UNET_DIR), phase_dir / BASE_LORA_DIR, lora_rank)
+
+
+def write_releases(root: Path, releases: dict[int, Path]) -> Path:
+    """`releases.json`: for each step count the files users ship (the paper's released set)."""
+    entries = {}
+    for steps, phase_dir in sorted(releases.items(), reverse=True):
+        export, lora = phase_dir / "export", phase_dir / BASE_LORA_DIR
+        info = json.loads((export / INFO_FILE).read_text())
+        entry = {
+            "num_inference_steps": steps, "guidance_scale": 0.0, "prediction_type": info["prediction_type"],
+            "pipeline": str(phase_dir / "teacher"), "unet": str(export / UNET_DIR),
+            "scheduler": str(export / SCHEDULER_DIR),
+        }
+        if (export / SINGLE_FILE).exists():
+            entry["single_file"] = str(export / SINGLE_FILE)
+        if (lora / LORA_FILE).exists():  # on the base model; an x0 LoRA also needs the x0 scheduler
+            entry.update(lora=str(lora / LORA_FILE), lora_kohya=str(lora / KOHYA_FILE))
+        entries[f"{steps}step"] = entry
+    with atomic_path(root / RELEASES_FILE) as temporary:
+        temporary.write_text(json.dumps(entries, indent=2) + "\n")
+    return root / RELEASES_FILE
+
+
 def compose_train_config(overrides: list[str]) -> DictConfig:
     """conf/train.yaml with `overrides`, inside or outside a running Hydra app."""
     if GlobalHydra.instance().is_initialized():  # inside python train.py (Hydra's app)
@@ -186,6 +228,8 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
     teacher, previous = base, None
     steps = stage_config(cfg.recipe.first_stage or cfg.recipe.stages[0]).teacher_steps
     models = {steps: base}  # steps -> the teacher folder of the model sampled with that many steps
+    releases: dict[int, Path] = {}  # steps -> the phase folder of the stage result sampled with them
+    lora_rank = cfg.recipe.get("base_lora_rank")
     for index, phase in enumerate(phases):
         phase_dir = root / f"{index:02d}_{phase.name}"
         phase_overrides = [f"model.path={teacher}", "student_init=null"]
@@ -200,8 +244,8 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
             phase_overrides += [f"teacher_path={models[level]}", f"stage.teacher_steps={level}"]
         if (phase_dir / DONE).exists():
             log.info("Recipe: %s is done, skipped", phase.name)
-            if phase.ends_stage and rank_zero_only.rank == 0:  # a run stopped between DONE and teacher/
-                assemble_teacher(base, phase_dir / "export", phase_dir / "teacher")
+            if phase.ends_stage and rank_zero_only.rank == 0:  # finished by an older version
+                finish_stage(base, phase_dir, lora_rank if phase.result_steps else None)
         else:
             resume = (phase_dir / "checkpoints" / "last.ckpt").exists()
             log.info("Recipe: %s (%s)", phase.name, "resuming" if resume else "starting")
@@ -214,7 +258,7 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
             trainer.strategy.barrier("recipe_phase_trained")  # rank 0 has written the export
             if trainer.is_global_zero:
                 if phase.ends_stage:
-                    assemble_teacher(base, phase_dir / "export", phase_dir / "teacher")
+                    finish_stage(base, phase_dir, lora_rank if phase.result_steps else None)
                 (phase_dir / DONE).write_text(json.dumps({"phase": phase.name, "overrides": phase_overrides}))
             trainer.strategy.barrier("recipe_phase_done")
         previous = phase_dir
@@ -222,4 +266,8 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
             teacher = phase_dir / "teacher"
             steps = phase.result_steps or steps  # the x0 conversion keeps its teacher's steps
             models[steps] = teacher
+            if phase.result_steps:  # a stage's result (not the x0 conversion, an intermediate)
+                releases[steps] = phase_dir
+                if rank_zero_only.rank == 0:
+                    write_releases(root, releases)
     return teacher

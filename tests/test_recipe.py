@@ -14,7 +14,14 @@ from conftest import CPU_OVERRIDES, compose_config
 from diffusers import StableDiffusionXLPipeline
 
 from lightning_sdxl.errors import ConfigError
-from lightning_sdxl.recipe import DONE, recipe_phases, run_recipe, skip_level_teachers
+from lightning_sdxl.recipe import (
+    BASE_LORA_DIR,
+    DONE,
+    RELEASES_FILE,
+    recipe_phases,
+    run_recipe,
+    skip_level_teachers,
+)
 
 
 def test_paper_recipe_phase_order():
@@ -27,7 +34,7 @@ def test_paper_recipe_phase_order():
 
 
 def test_discriminator_is_continued_within_a_stage_and_rebuilt_at_each_stage():
-    phases = recipe_phases(compose_config(["experiment=toy_recipe"]).recipe)
+    phases = recipe_phases(compose_config(["experiment=toy_recipe", "recipe.discriminator_per_stage=true"]).recipe)
     continued = [phase.name for phase in phases if phase.continues_discriminator]
     assert continued == [f"{s}_{p}" for s in ("32to8", "8to4", "4to2", "2to1") for p in ("b_lora_uncond", "c_full_uncond")]
     per_phase = recipe_phases(compose_config(["experiment=toy_recipe", "recipe.discriminator_per_stage=false"]).recipe)
@@ -102,6 +109,12 @@ def test_one_step_stage_chains_phases_and_resumes_after_an_interruption(tmp_path
     pipe = StableDiffusionXLPipeline.from_pretrained(str(teacher))
     assert pipe.scheduler.config.prediction_type == "sample"
     assert pipe.scheduler.config.timestep_spacing == "trailing"
+    # What users ship: the 1-step model's files, and its LoRA for the base model.
+    releases = json.loads((root / RELEASES_FILE).read_text())
+    assert list(releases) == ["1step"] and releases["1step"]["prediction_type"] == "sample"
+    for key in ("unet", "scheduler", "single_file", "lora", "lora_kohya", "pipeline"):
+        assert Path(releases["1step"][key]).exists(), key
+    assert Path(releases["1step"]["lora"]).parent == root / "03_2to1_c_full_uncond" / BASE_LORA_DIR
 
 
 @pytest.mark.slow
@@ -118,7 +131,7 @@ def test_recipe_on_two_ddp_processes_with_a_skip_level_teacher(tmp_path):
     every phase in step, rank 0 writes each teacher and DONE, and a second run skips them all."""
     command = [
         sys.executable, "train.py", *CPU_OVERRIDES, "experiment=toy_recipe", "recipe.first_stage=null",
-        "recipe.stages=[4to2,2to1]", "recipe.skip_level_stages=[2to1]", "steps=4", "checkpoint.every_n_steps=2",
+        "recipe.stages=[4to2,2to1]", "recipe.skip_level_stages=[2to1]", "recipe.discriminator_per_stage=true", "steps=4", "checkpoint.every_n_steps=2",
         "validation.every_n_steps=4", "trainer.devices=2", f"hydra.run.dir={tmp_path}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -135,7 +148,10 @@ def test_recipe_on_two_ddp_processes_with_a_skip_level_teacher(tmp_path):
     assert Path(info["base_model"]) == tmp_path / "03_x0_conversion" / "teacher"
     assert Path(info["teacher"]).name.startswith("tiny-sdxl")
     assert info["stage"] == "4to1" and info["prediction_type"] == "sample"
+    done = json.loads((tmp_path / "05_2to1_b_lora_uncond" / DONE).read_text())["overrides"]
+    assert f"discriminator.init={tmp_path / '04_2to1_a_lora_cond' / 'export' / 'discriminator.safetensors'}" in done
     assert (tmp_path / "06_2to1_c_full_uncond" / "teacher" / "model_index.json").exists()
+    assert list(json.loads((tmp_path / RELEASES_FILE).read_text())) == ["2step", "1step"]
 
     second = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert second.returncode == 0, second.stderr[-3000:]
