@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+from huggingface_hub import snapshot_download
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -145,12 +146,19 @@ def skip_level_teachers(recipe: DictConfig, phases: list[Phase]) -> dict[int, in
     return plan
 
 
+def local_model_folder(path: Path) -> Path:
+    """A local folder, or a hub id's cached snapshot (the first phase's loading has fetched it)."""
+    if path.is_dir():
+        return path
+    return Path(snapshot_download(str(path), local_files_only=True))
+
+
 def assemble_teacher(base: Path, export: Path, out: Path) -> Path:
     """A diffusers SDXL folder: the base's components (symlinked) with the export's UNet and scheduler."""
     if (out / "model_index.json").exists():
         return out
     with atomic_dir(out) as staging:
-        for entry in base.iterdir():
+        for entry in local_model_folder(base).iterdir():
             if entry.name not in ("unet", "scheduler"):
                 os.symlink(entry.resolve(), staging / entry.name)
         shutil.copytree(export / "unet", staging / "unet")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,19 @@ def test_user_overrides_reach_every_phase_except_what_phases_set():
     given = ["experiment=toy_recipe", "stage=8to4", "loss=mse", "student=full", "student.lr=3e-4",
              "loss.renoise_weights=[5,1,1,1]", "model.path=/x", "recipe.stages=[2to1]", "data=folder", "data.root=/d"]
     assert _user_overrides(given) == ["student.lr=3e-4", "loss.renoise_weights=[5,1,1,1]", "data=folder", "data.root=/d"]
+
+
+def test_a_hub_id_base_is_assembled_from_its_cached_snapshot(tiny_sdxl_path, tmp_path, monkeypatch):
+    """model.path=stabilityai/stable-diffusion-xl-base-1.0: teachers link the cached snapshot's parts."""
+    from lightning_sdxl import recipe
+
+    asked = []
+    monkeypatch.setattr(recipe, "snapshot_download", lambda repo, local_files_only: asked.append(
+        (repo, local_files_only)) or tiny_sdxl_path)
+    export = tmp_path / "export"
+    for part in ("unet", "scheduler"):
+        shutil.copytree(Path(tiny_sdxl_path) / part, export / part)
+    teacher = recipe.assemble_teacher(Path("org/sdxl-base"), export, tmp_path / "teacher")
+    assert asked == [("org/sdxl-base", True)]
+    assert (teacher / "text_encoder_2").resolve() == (Path(tiny_sdxl_path) / "text_encoder_2").resolve()
+    assert StableDiffusionXLPipeline.from_pretrained(str(teacher)).unet is not None
