@@ -79,7 +79,7 @@ def score(
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/toy_table2"))
-    parser.add_argument("--phase-steps", type=int, default=150, help="batches per recipe phase")
+    parser.add_argument("--phase-steps", type=int, default=200, help="batches per recipe phase")
     parser.add_argument("--num-images", type=int, default=512, help="images per row (FID sample size)")
     parser.add_argument("overrides", nargs="*", help="train.py overrides for every phase")
     args = parser.parse_args(argv)
