@@ -11,8 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from safetensors.torch import save_file
 
 
 def normal_permissions(path: str | os.PathLike) -> None:
@@ -37,6 +39,16 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def save_weights(
+    state: dict[str, torch.Tensor], path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> Path:
+    """A safetensors file of `state` (on the CPU, in `dtype` when given), written atomically."""
+    tensors = {key: value.detach().to("cpu", dtype).contiguous() for key, value in state.items()}
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": "pt"})
+    return Path(path)
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig, set_peft_model_state_dict
+from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from lightning_sdxl.export import ADAPTER, INFO_FILE, save_lora_files
@@ -32,11 +33,12 @@ log = logging.getLogger(__name__)
 
 
 def target_layers(unet: nn.Module, targets: tuple[str, ...] = LCM_LORA_TARGET_MODULES) -> dict[str, nn.Module]:
-    """The Linear and Conv2d layers whose names end with a target (peft's `target_modules` rule)."""
+    """The Linear and Conv2d layers a LoRA on `targets` adapts, matched by peft's own rule."""
+    config = LoraConfig(target_modules=list(targets))
     return {
         name: module
         for name, module in unet.named_modules()
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and any(name == t or name.endswith(f".{t}") for t in targets)
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and check_target_module_exists(config, name)
     }
 
 
@@ -75,15 +77,22 @@ def extract_lora(
     for name, layer in layers.items():
         delta = tuned_state[f"{name}.weight"].double() - base_state[f"{name}.weight"].double()
         a, b, error = low_rank_factors(delta, rank, device)
-        captured += float(delta.square().sum())
-        error_sq += error**2 * float(delta.square().sum())
+        change = float(delta.square().sum())
+        captured += change
+        error_sq += error**2 * change
         if isinstance(layer, nn.Conv2d):
             a = a.reshape(a.shape[0], *layer.weight.shape[1:])  # (r, in, k, k): the layer's kernel
             b = b[:, :, None, None]  # (out, r, 1, 1)
         factors[f"{name}.lora_A.weight"], factors[f"{name}.lora_B.weight"] = a, b
         ranks[name] = a.shape[0]
+    # Every other tensor's change, in one pass: what no LoRA on these layers can hold.
     target_weights = {f"{name}.weight" for name in layers}
-    total = sum(float((tuned_state[k].double() - base_state[k].double()).square().sum()) for k in base_state)
+    outside = {
+        key: float((tuned_state[key].double() - base_state[key].double()).square().sum())
+        for key in base_state
+        if key not in target_weights
+    }
+    total = captured + sum(outside.values())
     short = {name: r for name, r in ranks.items() if r != rank}  # layers narrower than the rank
     config = LoraConfig(
         r=rank, lora_alpha=rank, rank_pattern=short, alpha_pattern=short,
@@ -99,9 +108,7 @@ def extract_lora(
         "layers": len(layers),
         "relative_error": (error_sq / captured) ** 0.5 if captured > 0 else 0.0,
         "uncaptured_fraction": (total - captured) / total if total > 0 else 0.0,
-        "uncaptured_tensors": sorted(
-            k for k in base_state if k not in target_weights and not torch.equal(base_state[k], tuned_state[k])
-        )[:20],
+        "uncaptured_tensors": sorted(key for key, change in outside.items() if change > 0)[:20],
     }
     return adapted, info
 

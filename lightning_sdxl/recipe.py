@@ -240,11 +240,8 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
     lora_rank = cfg.recipe.get("base_lora_rank")
     for index, phase in enumerate(phases):
         phase_dir = root / f"{index:02d}_{phase.name}"
-        phase_overrides = [f"model.path={teacher}", "student_init=null"]
-        if phase.init_from == "lora":
-            phase_overrides[1] = f"student_init={previous / 'export' / 'lora.safetensors'}"
-        elif phase.init_from == "unet":
-            phase_overrides[1] = f"student_init={previous / 'export' / 'unet'}"
+        init = {"lora": LORA_FILE, "unet": UNET_DIR}.get(phase.init_from)
+        phase_overrides = [f"model.path={teacher}", f"student_init={previous / 'export' / init}" if init else "student_init=null"]
         if phase.continues_discriminator:
             phase_overrides.append(f"discriminator.init={previous / 'export' / DISCRIMINATOR_FILE}")
         if index in skip_levels:
@@ -262,6 +259,9 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
             )
             with open_dict(phase_cfg):
                 phase_cfg.output_dir = str(phase_dir)
+                if not phase.result_steps and "export" in (phase_cfg.get("callbacks") or {}):
+                    # Only a stage's result ships (releases.json): an SDXL single file is 7-14 GB.
+                    phase_cfg.callbacks.export.single_file = False
             trainer = train(phase_cfg, extra_callbacks=list(extra_callbacks))
             trainer.strategy.barrier("recipe_phase_trained")  # rank 0 has written the export
             if trainer.is_global_zero:

@@ -24,9 +24,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from lightning_sdxl.io import atomic_path
+from lightning_sdxl.io import save_weights
 
 UNET_PREFIX = "model.diffusion_model."  # single_file_utils.LDM_UNET_KEY
 VAE_PREFIX = "first_stage_model."  # single_file_utils.LDM_VAE_KEYS[0]
@@ -286,10 +285,7 @@ def save_components(
     dtype: torch.dtype = torch.float16,
 ) -> Path:
     """Write loaded SDXL components (e.g. a merged student UNet in memory) as one SGM file."""
-    state = sgm_state_dict(unet, vae, text_encoder, text_encoder_2, dtype)
-    with atomic_path(out_file) as temporary:
-        save_file(state, str(temporary), metadata={"format": "pt"})
-    return Path(out_file)
+    return save_weights(sgm_state_dict(unet, vae, text_encoder, text_encoder_2, dtype), out_file)
 
 
 def save_single_file(

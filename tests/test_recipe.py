@@ -116,6 +116,8 @@ def test_one_step_stage_chains_phases_and_resumes_after_an_interruption(tmp_path
     for key in ("unet", "scheduler", "single_file", "lora", "lora_kohya", "pipeline"):
         assert Path(releases["1step"][key]).exists(), key
     assert Path(releases["1step"]["lora"]).parent == root / "03_2to1_c_full_uncond" / BASE_LORA_DIR
+    # Only stage results write the single file (an SDXL one is 7-14 GB).
+    assert not list(root.glob("0[0-2]_*/export/sdxl_single_file.safetensors"))
 
 
 @pytest.mark.slow

@@ -233,7 +233,7 @@ def test_in_memory_components_and_atomic_write(tiny_sdxl_path, tmp_path, monkeyp
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(sf, "save_file", failing_save)
+    monkeypatch.setattr("lightning_sdxl.io.save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         sf.save_components(**models, out_file=out, dtype=torch.float32)
     assert out.read_bytes() == before

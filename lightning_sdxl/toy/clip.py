@@ -17,12 +17,11 @@ import lightning as L
 import open_clip
 import torch
 from open_clip.loss import ClipLoss
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from lightning_sdxl import ASSETS_DIR
 from lightning_sdxl.data.toy_world import ToyWorld
-from lightning_sdxl.io import atomic_path
+from lightning_sdxl.io import atomic_path, save_weights
 
 MODEL_NAME = "toy-clip"
 CONFIG_FILE = ASSETS_DIR / "toy-metrics" / f"{MODEL_NAME}.json"
@@ -89,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model = train_toy_clip(args.steps)
     config = write_config(args.out.parent / f"{MODEL_NAME}.json")
-    with atomic_path(args.out) as temporary:
-        save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, temporary)
+    save_weights(model.state_dict(), args.out, torch.float16)
     print("written:", args.out, config)
 
 

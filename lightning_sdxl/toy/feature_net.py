@@ -14,13 +14,12 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sdxl import ASSETS_DIR
 from lightning_sdxl.data.toy_world import WORLDS, ToyWorld
-from lightning_sdxl.io import atomic_path
+from lightning_sdxl.io import save_weights
 
 FEATURES_FILE = ASSETS_DIR / "toy-metrics" / "toy_features.safetensors"
 ATTRIBUTES = ("kind", "colour", "position", "background")
@@ -128,10 +127,7 @@ def train_feature_net(steps: int = 800, batch_size: int = 64, seed: int = 0, wor
 
 
 def save_feature_net(network: ToyFeatureNet, path: Path = FEATURES_FILE) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temporary:
-        save_file({k: v.half().contiguous() for k, v in network.state_dict().items()}, temporary)
-    return path
+    return save_weights(network.state_dict(), path, torch.float16)
 
 
 def main(argv: list[str] | None = None) -> None:
