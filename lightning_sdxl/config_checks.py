@@ -9,13 +9,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_sdxl.diffusion.prediction import PREDICTIONS
 from lightning_sdxl.errors import ConfigError, MissingPathError
+from lightning_sdxl.losses import ADVERSARIAL_LOSSES
 from lightning_sdxl.models.discriminator import DiscriminatorHead
 from lightning_sdxl.models.loading import check_pipeline_folder
 from lightning_sdxl.models.tiny import TINY_BLOCK_OUT_CHANNELS
 from lightning_sdxl.models.vae import vae_scale_factor
 
 VALID_DTYPES = ("float32", "bfloat16", "float16")
-ADVERSARIAL_LOSSES = ("cond_adv", "uncond_adv")
 
 
 
@@ -83,7 +83,16 @@ def validate_config(cfg: DictConfig) -> None:
             len(weights) == len(loss.renoise_timesteps) and min(weights) >= 0 and sum(weights) > 0,
             "loss.renoise_weights must be non-negative, not all zero, one per loss.renoise_timesteps.",
         )
-        _require(cfg.discriminator.head_blocks >= 0, "discriminator.head_blocks must be >= 0.")
+        blocks = cfg.discriminator.head_blocks
+        _require(blocks is None or blocks >= 0, "discriminator.head_blocks must be >= 0 or null (automatic).")
+        warmup = cfg.discriminator.warmup
+        _require(
+            0 <= warmup < cfg.steps,
+            f"discriminator.warmup={warmup} must be >= 0 and below steps={cfg.steps} (the generator must train).",
+        )
+        _require(cfg.discriminator.lr > 0, f"discriminator.lr={cfg.discriminator.lr} must be > 0.")
+        weight = loss.get("adversarial_weight", 1.0)
+        _require(weight > 0, f"loss.adversarial_weight={weight} must be > 0 (loss=mse is the MSE-only arm).")
     experiment = cfg.get("experiment_name")
     _require(
         not (experiment == "toy" and cfg.model.name not in ("toy", "tiny")),
@@ -173,7 +182,7 @@ def _unet_levels(cfg: DictConfig) -> int | None:
 def _check_discriminator_fits(cfg: DictConfig) -> None:
     """The head's stride-2 blocks need features of at least 2^blocks pixels (local or tiny UNets)."""
     levels = _unet_levels(cfg)
-    if levels is None:
+    if levels is None or cfg.discriminator.head_blocks is None:  # null: the depth follows the features
         return
     feature_size = cfg.data.resolution // _vae_factor(cfg) // 2**levels
     needed = DiscriminatorHead.min_input_size(cfg.discriminator.head_blocks)
@@ -181,5 +190,5 @@ def _check_discriminator_fits(cfg: DictConfig) -> None:
         feature_size >= needed,
         f"discriminator.head_blocks={cfg.discriminator.head_blocks} needs {needed} x {needed} features, but "
         f"data.resolution={cfg.data.resolution} gives {feature_size} x {feature_size}: lower head_blocks "
-        "or raise the resolution.",
+        "(or null: automatic) or raise the resolution.",
     )

@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from lightning_sdxl.diffusion.schedule import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class LossKind:
+    """What a `loss=` choice trains with.
+
+    Attributes:
+        adversarial: a discriminator and its optimizer (two optimizer steps per batch).
+        conditional: the discriminator also sees x_t, where the jump started (METHOD.md 3, phase a).
+        regression: the generator's loss includes the MSE to the teacher's x_{t'} (METHOD.md 2, 7).
+    """
+
+    adversarial: bool
+    conditional: bool
+    regression: bool
+
+
+# The one list of losses; everything else (config checks, step counts, the module) reads it.
+LOSS_KINDS: dict[str, LossKind] = {
+    "mse": LossKind(adversarial=False, conditional=False, regression=True),
+    "cond_adv": LossKind(adversarial=True, conditional=True, regression=False),
+    "uncond_adv": LossKind(adversarial=True, conditional=False, regression=False),
+    # MSE + lambda x unconditional adversarial: Hyper-SD's mixed distance (METHOD.md 7). Not
+    # SDXL-Lightning's objective: a labelled, stabilised arm beside it.
+    "mse_adv": LossKind(adversarial=True, conditional=False, regression=True),
+}
+ADVERSARIAL_LOSSES = tuple(name for name, kind in LOSS_KINDS.items() if kind.adversarial)
 
 
 def mse_loss(x_next_student: torch.Tensor, x_next_teacher: torch.Tensor) -> torch.Tensor:

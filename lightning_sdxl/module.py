@@ -13,6 +13,8 @@ where Lightning needs them; loggers' x-axis counts batches.
 
 from __future__ import annotations
 
+import warnings
+
 import hydra
 import lightning as L
 import torch
@@ -23,7 +25,7 @@ from lightning_sdxl.diffusion.sampler import sample, seeded_noise
 from lightning_sdxl.diffusion.schedule import CLEAN, NoiseSchedule
 from lightning_sdxl.diffusion.solver import move, solve
 from lightning_sdxl.diffusion.stage_grid import StageGrid
-from lightning_sdxl.losses import Renoiser, discriminator_loss, generator_loss, mse_loss
+from lightning_sdxl.losses import LOSS_KINDS, Renoiser, discriminator_loss, generator_loss, mse_loss
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.discriminator import Discriminator
 from lightning_sdxl.models.loading import cast, check_same_noise_schedule, load_sdxl, load_unet
@@ -31,7 +33,9 @@ from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeache
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
 
-LOSSES = ("mse", "cond_adv", "uncond_adv")
+# A phase whose discriminator accuracy over its last fifth stays within CHANCE_BAND of 0.5 carried
+# no adversarial signal: the generator followed noise (issue 10's measurement on the toy).
+CHANCE_BAND = 0.05
 
 
 def plain_config(value):
@@ -42,7 +46,7 @@ def plain_config(value):
 
 
 class DistillationModule(L.LightningModule):
-    """One stage "A to B" (METHOD.md 2) with the loss `mse`, `cond_adv` or `uncond_adv`.
+    """One stage "A to B" (METHOD.md 2) with the loss `mse`, `cond_adv`, `uncond_adv` or `mse_adv`.
 
     Args:
         model_path: diffusers SDXL folder or hub id of the teacher (and initial student).
@@ -52,7 +56,13 @@ class DistillationModule(L.LightningModule):
         student_steps: B, the student's steps.
         guidance_scale: the teacher's classifier-free guidance (6 in stage 128 to 32, else 1 = off).
         start_timesteps: multi-timestep training starts (1- and 2-step stages), None for the grid.
-        loss: "mse", "cond_adv" or "uncond_adv".
+        loss: "mse", "cond_adv", "uncond_adv" or "mse_adv" (losses.LOSS_KINDS).
+        adversarial_weight: lambda of `mse_adv`, L_G = MSE + lambda x adversarial (METHOD.md 7).
+        discriminator_warmup: batches that train the discriminator alone before the generator
+            starts (a GAN practitioner's warm-up; the paper has none: 0).
+        conditioning_fakes: add the real x_{t'} paired with another sample's caption (and, for the
+            conditional discriminator, another sample's x_t) as extra fakes in the discriminator
+            step, so D must read the conditioning (as SANA-Sprint and AMD's LADD reimplementation).
         renoise_timesteps: t* for multi-timestep discrimination when t' is clean.
         renoise_weights: relative weights of `renoise_timesteps`.
         student_type: "lora" or "full".
@@ -61,7 +71,8 @@ class DistillationModule(L.LightningModule):
         lora_target_modules: module name suffixes that get LoRA adapters.
         gradient_checkpointing: trade compute for memory in the student UNet.
         prediction_type: the student's prediction type; None keeps the teacher's.
-        head_blocks: discriminator head depth (4x4 stride-2 conv blocks).
+        head_blocks: discriminator head depth (4x4 stride-2 conv blocks); None: as many as leave
+            4 x 4 pixels (`DiscriminatorHead.blocks_for`).
         head_channels: discriminator head width; None derives it from the mid block.
         generator_optimizer: a Hydra config of a partial optimizer for the student.
         discriminator_optimizer: the same for the discriminator.
@@ -88,6 +99,9 @@ class DistillationModule(L.LightningModule):
         guidance_scale: float = 1.0,
         start_timesteps: list[int] | None = None,
         loss: str = "cond_adv",
+        adversarial_weight: float = 1.0,
+        discriminator_warmup: int = 0,
+        conditioning_fakes: bool = False,
         renoise_timesteps: list[int] = (10, 250, 500, 750),
         renoise_weights: list[float] = (1, 1, 1, 1),
         student_type: str = "lora",
@@ -96,7 +110,7 @@ class DistillationModule(L.LightningModule):
         lora_target_modules: list[str] = LCM_LORA_TARGET_MODULES,
         gradient_checkpointing: bool = False,
         prediction_type: str | None = None,
-        head_blocks: int = 2,
+        head_blocks: int | None = None,
         head_channels: int | None = None,
         generator_optimizer: dict | None = None,
         discriminator_optimizer: dict | None = None,
@@ -110,8 +124,8 @@ class DistillationModule(L.LightningModule):
         discriminator_init: str | None = None,
     ):
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"loss={loss!r}: choose one of {LOSSES}.")
+        if loss not in LOSS_KINDS:
+            raise ValueError(f"loss={loss!r}: choose one of {tuple(LOSS_KINDS)}.")
         # Plain containers in hparams, so checkpoints load with torch.load(weights_only=True).
         generator_optimizer, discriminator_optimizer, lr_scheduler = (
             plain_config(generator_optimizer), plain_config(discriminator_optimizer), plain_config(lr_scheduler)
@@ -120,7 +134,8 @@ class DistillationModule(L.LightningModule):
         renoise_timesteps, renoise_weights = plain_config(renoise_timesteps), plain_config(renoise_weights)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.adversarial = loss != "mse"
+        self.loss_kind = LOSS_KINDS[loss]
+        self.adversarial = self.loss_kind.adversarial
         self.grid = StageGrid(teacher_steps, student_steps, start_timesteps)
 
         components = load_sdxl(model_path, model_variant)
@@ -147,8 +162,8 @@ class DistillationModule(L.LightningModule):
         self.discriminator = None
         if self.adversarial:
             self.discriminator = Discriminator.from_unet(
-                components.unet, conditional=loss == "cond_adv", head_channels=head_channels,
-                head_blocks=head_blocks, dtype=torch.float32,
+                components.unet, conditional=self.loss_kind.conditional, head_channels=head_channels,
+                head_blocks=head_blocks, dtype=torch.float32, latent_size=self.latent_size,
             )
             if discriminator_init:
                 self.discriminator.continue_from(discriminator_init)
@@ -159,6 +174,8 @@ class DistillationModule(L.LightningModule):
         if gradient_checkpointing:
             self.pair.unet.enable_gradient_checkpointing()
         self.renoiser = Renoiser(list(renoise_timesteps), list(renoise_weights))
+        self.discriminator_accuracies: list[torch.Tensor] = []  # per batch, for the signal check
+        self.discriminator_signal: dict | None = None  # set when training ends (`on_train_end`)
         self.validation_outputs: list[dict[str, torch.Tensor]] = []
         self.teacher_samples: dict[tuple, torch.Tensor] = {}  # validation batch -> teacher latents
         self.strict_loading = False  # checkpoints hold trainable weights only (on_save_checkpoint)
@@ -211,36 +228,86 @@ class DistillationModule(L.LightningModule):
         u = self.pair.student(x_t, t, condition)
         x_next_fake = move(self.schedule, self.student_prediction, x_t, u, t, t_next)
 
+        regression = mse_loss(x_next_fake, x_next_real) if self.loss_kind.regression else None
         if not self.adversarial:
-            self._optimizer_step(0, mse_loss(x_next_fake, x_next_real), "generator", batch_idx)
+            self._optimizer_step(0, regression, "generator", batch_idx)
             return
         # Multi-timestep discrimination when t' is clean (METHOD.md 3).
         x_real, x_fake, t_judge = self.renoiser(self.schedule, x_next_real, x_next_fake, t_next, t_next == CLEAN)
 
-        # Generator phase: fool the discriminator.
-        (logits_fake,) = self.discriminator.judge(x_t, t, [x_fake], t_judge, condition)
-        self._optimizer_step(0, generator_loss(logits_fake), "generator", batch_idx)
+        # Generator phase: fool the discriminator (during the warm-up the generator does not move).
+        generator = None
+        if self.batches_trained >= self.hparams.discriminator_warmup:
+            (logits_fake,) = self.discriminator.judge(x_t, t, [x_fake], t_judge, condition)
+            generator = generator_loss(logits_fake)
+            if regression is not None:  # mse_adv: MSE + lambda x adversarial (METHOD.md 7)
+                self.log("loss/generator_adversarial", generator.detach())
+                generator = regression + self.hparams.adversarial_weight * generator
+        self._optimizer_step(0, generator, "generator", batch_idx)
 
         # Discriminator phase: real and fake in one batch, d(x_t) computed once.
         logits_real, logits_fake = self.discriminator.judge(x_t, t, [x_real, x_fake.detach()], t_judge, condition)
-        self._optimizer_step(1, discriminator_loss(logits_real, logits_fake), "discriminator", batch_idx)
+        extra_fakes = self._conditioning_fakes(x_t, t, x_real, t_judge, condition)
+        self._optimizer_step(
+            1, discriminator_loss(logits_real, torch.cat([logits_fake, *extra_fakes])), "discriminator", batch_idx
+        )
+        accuracy_real, accuracy_fake = (logits_real > 0).float().mean(), (logits_fake < 0).float().mean()
+        self.discriminator_accuracies.append(((accuracy_real + accuracy_fake) / 2).detach())
         self.log_dict(
             {
                 "discriminator/logits_real": logits_real.mean(),
                 "discriminator/logits_fake": logits_fake.mean(),
-                "discriminator/accuracy_real": (logits_real > 0).float().mean(),
-                "discriminator/accuracy_fake": (logits_fake < 0).float().mean(),
+                "discriminator/accuracy_real": accuracy_real,
+                "discriminator/accuracy_fake": accuracy_fake,
+                **{f"discriminator/accuracy_{name}": (logits < 0).float().mean()
+                   for name, logits in zip(("wrong_caption", "wrong_x_t"), extra_fakes)},
             },
             sync_dist=True,
         )
 
-    def _optimizer_step(self, index: int, loss: torch.Tensor, name: str, batch_idx: int) -> None:
+    def _conditioning_fakes(self, x_t, t, x_real, t_judge, condition) -> list[torch.Tensor]:
+        """Logits of the real x_{t'} judged with another sample's caption [and x_t, conditional D]:
+        fakes that differ from the reals only in the pairing (`conditioning_fakes`). The batch is
+        rolled by one, so a neighbour that happens to share the caption is a mislabelled fake."""
+        if not self.hparams.conditioning_fakes or len(x_real) < 2:
+            return []
+        roll = torch.roll(torch.arange(len(x_real), device=x_real.device), 1)
+        (wrong_caption,) = self.discriminator.judge(x_t, t, [x_real], t_judge, condition.index(roll))
+        if not self.discriminator.conditional:
+            return [wrong_caption]
+        (wrong_start,) = self.discriminator.judge(x_t[roll], t[roll], [x_real], t_judge, condition)
+        return [wrong_caption, wrong_start]
+
+    def on_train_start(self) -> None:
+        self.discriminator_accuracies.clear()
+
+    def on_train_end(self) -> None:
+        """Flag a run whose discriminator stayed at chance over its last fifth (CHANCE_BAND)."""
+        if not self.discriminator_accuracies:
+            return
+        last = self.discriminator_accuracies[-max(1, len(self.discriminator_accuracies) // 5):]
+        accuracy = self.all_gather(torch.stack(last).mean()).float().mean().item()
+        self.discriminator_signal = {"accuracy_last_fifth": round(accuracy, 4),
+                                     "no_signal": abs(accuracy - 0.5) <= CHANCE_BAND}
+        if self.discriminator_signal["no_signal"] and self.trainer.is_global_zero:
+            warnings.warn(
+                f"The discriminator's accuracy over the last fifth of training was {accuracy:.3f}, within "
+                f"{CHANCE_BAND} of chance: this run carried no adversarial signal (the generator followed "
+                "noise). Try discriminator.warmup, discriminator.lr, loss.conditioning_fakes or more steps.",
+                stacklevel=1,
+            )
+
+    def _optimizer_step(self, index: int, loss: torch.Tensor | None, name: str, batch_idx: int) -> None:
         """Backward for optimizer `index`; every `accumulate_grad_batches` batches clip, step and
-        advance its LR schedule. The other optimizer's weights are toggled off meanwhile."""
+        advance its LR schedule. The other optimizer's weights are toggled off meanwhile.
+
+        loss=None (the discriminator warm-up) steps without gradients: Adam leaves the weights as
+        they are, and `global_step` still advances, so the step convention holds."""
         optimizer = self._as_list(self.optimizers())[index]
         accumulate = self.hparams.accumulate_grad_batches
         self.toggle_optimizer(optimizer)
-        self.manual_backward(loss / accumulate)
+        if loss is not None:
+            self.manual_backward(loss / accumulate)
         if (batch_idx + 1) % accumulate == 0:
             if self.hparams.gradient_clip_val:
                 self.clip_gradients(optimizer, self.hparams.gradient_clip_val, "norm")
@@ -250,7 +317,8 @@ class DistillationModule(L.LightningModule):
             if schedulers:
                 schedulers[index].step()
         self.untoggle_optimizer(optimizer)
-        self.log(f"loss/{name}", loss.detach(), prog_bar=True, sync_dist=True)
+        if loss is not None:
+            self.log(f"loss/{name}", loss.detach(), prog_bar=True, sync_dist=True)
         self.log(f"lr/{name}", optimizer.param_groups[0]["lr"])
 
     @staticmethod

@@ -14,6 +14,13 @@ also hard-codes SDXL's 3 levels x 2 layers. Here every key is the inverse of the
 project's tiny SDXL-architecture models convert too; tests/test_single_file.py round-trips files
 through diffusers' reader and checks every tensor is reproduced exactly.
 
+One limit is the reader's, not the file's: `create_diffusers_clip_model_from_ldm` picks the keys
+for a text encoder by width alone, taking CLIP-L's (`conditioner.embedders.0.*`) for any encoder as
+wide as CLIP-L. SDXL's encoders (768 and 1280 wide) are told apart and every weight loads; when the
+two are equally wide (the toy and tiny models: 32 and 32), `from_single_file` fills text_encoder_2
+with CLIP-L's weights and leaves its `text_projection` unloaded whatever the file holds. For such
+files pass `text_encoder_2=` (e.g. the base folder's) to `from_single_file`.
+
 Usage: `python -m lightning_sdxl.single_file --pipeline DIR --out FILE [--dtype float16]`.
 """
 
@@ -235,7 +242,8 @@ def _open_clip_state_dict(text_encoder_2) -> dict[str, torch.Tensor]:
         "ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
         "ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
         # open_clip multiplies `x @ text_projection`: (width, projection_dim), the transpose of the
-        # Linear weight. The reader also reads the hidden width (to split in_proj) from its shape[0].
+        # Linear weight; convert_open_clip_checkpoint reads this key and transposes it back. The
+        # reader also reads the hidden width (to split in_proj) from its shape[0].
         "text_projection": state.pop("text_projection.weight").T.contiguous(),
     }
     for n in range(text_encoder_2.config.num_hidden_layers):

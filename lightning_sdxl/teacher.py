@@ -9,6 +9,9 @@ VAE (trained before, `lightning_sdxl.toy.autoencoder`) is frozen.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import hydra
 import lightning as L
 import torch
@@ -43,6 +46,13 @@ def loss_weight(prediction: str, a_t: torch.Tensor, weighting: str) -> torch.Ten
     if weighting == "uniform":
         return torch.ones_like(a_t)
     return {"epsilon": 1 / a_t, "sample": 1 / (1 - a_t), "v_prediction": torch.ones_like(a_t)}[prediction]
+
+
+def set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    """Record `dtype` as the dtype a transformers model loads in (its config's "dtype")."""
+    config = json.loads(config_file.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 class TeacherModule(L.LightningModule):
@@ -180,6 +190,11 @@ class TeacherModule(L.LightningModule):
             pipeline.to(dtype=dtype)  # the training modules themselves: cast back below
             try:
                 pipeline.save_pretrained(folder, safe_serialization=True)
+                # Stored in `dtype`, loaded in the training dtype: transformers 5 loads a text encoder
+                # in its config's dtype, diffusers the UNet in float32; float16 text encoders beside a
+                # float32 UNet fail at the first matmul of a stock pipeline call.
+                for name in ("text_encoder", "text_encoder_2"):
+                    set_config_dtype(folder / name / "config.json", training_dtype)
                 if single_file:
                     save_components(
                         pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2,

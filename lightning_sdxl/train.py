@@ -11,9 +11,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, open_dict
 
 from lightning_sdxl.callbacks.progress import BatchProgressBar
-from lightning_sdxl.config_checks import ADVERSARIAL_LOSSES, validate_config
+from lightning_sdxl.config_checks import validate_config
 from lightning_sdxl.errors import instantiate_checked
 from lightning_sdxl.io import AtomicCheckpointIO
+from lightning_sdxl.losses import ADVERSARIAL_LOSSES
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -317,8 +316,12 @@ def test_module_groups_instantiate(choices, tiny_sdxl_path, make_config):
     else:
         assert module.adversarial
         assert module.discriminator.conditional == (cfg.loss.name == "cond_adv")
-        # discriminator: the head depth of the file.
-        assert module.discriminator.head.num_blocks == cfg.discriminator.head_blocks
+        # discriminator: the head depth of the file, or the automatic one (4 x 4 pixels left).
+        feature_size = module.latent_size // module.discriminator.backbone.downsample_factor
+        expected = cfg.discriminator.head_blocks
+        if expected is None:
+            expected = max(b for b in range(6) if feature_size // 2**b >= 4)
+        assert module.discriminator.head.num_blocks == expected
         assert all(p.requires_grad for p in module.discriminator.parameters())
 
     # prediction: the file's type, or the teacher's (the tiny scheduler predicts epsilon).
@@ -466,10 +469,9 @@ def test_unknown_choice_lists_the_options(group):
 # ---- 4. the command line -----------------------------------------------------------------------
 
 
-def _run_cli(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
+def _run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`python train.py <overrides>` from the repo root, offline, with its own model cache."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LIGHTNING_SDXL_HOME": str(tmp_path / "home")}
-    start = time.monotonic()
     result = subprocess.run(
         [sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=REPO,
@@ -479,22 +481,22 @@ def _run_cli(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProce
         timeout=120,
         check=False,
     )
-    return result, time.monotonic() - start
+    return result
 
 
-def test_cli_config_error_is_one_line_and_fast(tmp_path):
-    result, seconds = _run_cli(tmp_path, "student.lora_rank=0")
+def test_cli_config_error_is_one_line_before_any_model(tmp_path):
+    result = _run_cli(tmp_path, "student.lora_rank=0")
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Config error:")]
     assert len(errors) == 1, result.stderr
     assert "student.lora_rank=0" in errors[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "home").exists(), "no model may be built before the config is checked"
-    assert seconds < 30  # importing torch and Lightning, then the check: no model loads
+    assert not (tmp_path / "run" / "checkpoints").exists(), "no training may start before the config is checked"
 
 
 def test_cli_unknown_choice_names_the_options(tmp_path):
-    result, _ = _run_cli(tmp_path, "loss=foo")
+    result = _run_cli(tmp_path, "loss=foo")
     assert result.returncode != 0
     assert "Could not find 'loss/foo'" in result.stderr
     for name in GROUPS["loss"]:

@@ -172,10 +172,10 @@ def test_head_shapes_and_errors():
     head = DiscriminatorHead(in_channels=40, hidden_channels=64, num_blocks=2)
     assert head(torch.randn(3, 40, 8, 8)).shape == (3,)
     assert DiscriminatorHead.min_input_size(0) == 1
-    assert DiscriminatorHead.min_input_size(3) == 8
+    assert DiscriminatorHead.min_input_size(3) == 16  # its last GroupNorm sees 2 x 2 pixels
     size = DiscriminatorHead.min_input_size(2)
     assert head(torch.randn(3, 40, size, size)).shape == (3,)
-    with pytest.raises(ValueError, match="at least 4 x 4"):
+    with pytest.raises(ValueError, match="at least 8 x 8"):
         head(torch.randn(3, 40, size - 1, size))
     assert DiscriminatorHead(40, 32, 0)(torch.randn(3, 40, 1, 1)).shape == (3,)
     with pytest.raises(ValueError, match="multiple of 32"):
@@ -184,6 +184,8 @@ def test_head_shapes_and_errors():
         DiscriminatorHead(64, 64, -1)
     with pytest.raises(ValueError, match="num_blocks must be >= 0"):
         DiscriminatorHead.min_input_size(-1)
+    # The automatic depth leaves 4 x 4 pixels: SDXL at 1024 px 3 blocks, the toy UNet's 4 x 4 none.
+    assert [DiscriminatorHead.blocks_for(size) for size in (32, 16, 8, 4, 2)] == [3, 2, 1, 0, 0]
 
 
 def test_from_unet_dtype(unet):

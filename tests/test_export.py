@@ -64,9 +64,10 @@ def stock_pipeline(base: str, export: Path | None = None) -> StableDiffusionXLPi
 def single_file_pipeline(base: str, export: Path) -> StableDiffusionXLPipeline:
     """The export's all-in-one file read by diffusers' own single-file reader (offline: the base's configs).
 
-    text_encoder_2 comes from the base folder: the tiny model's two text encoders are equally wide,
-    which diffusers' reader takes for a CLIP-L and loads text_encoder_2 from CLIP-L's keys (SDXL's
-    768 vs 1280 are told apart; tests/test_single_file.py checks the OpenCLIP part separately).
+    text_encoder_2 is passed in: diffusers 0.42 picks a text encoder's keys by width alone, and the
+    tiny model's two are equally wide, so the reader would fill it from CLIP-L's keys (a reader
+    limit, lightning_sdxl/single_file.py; tests/test_single_file.py pins it as a strict xfail and
+    reads unequal widths, as in SDXL, with no component passed in).
     """
     pipe = StableDiffusionXLPipeline.from_single_file(
         str(export / SINGLE_FILE),

@@ -1,20 +1,25 @@
 """The all-in-one SGM checkpoint (lightning_sdxl.single_file) round-trips through diffusers' reader.
 
 Every tensor of unet, vae, text_encoder and text_encoder_2 must come back bit-exact (the files are
-written in float32) from `StableDiffusionXLPipeline.from_single_file(file, config=folder,
-local_files_only=True)`: offline, the local folder supplies the component configs.
+written in float32), with no weight left unloaded on the meta device, from
+`StableDiffusionXLPipeline.from_single_file(file, config=folder, local_files_only=True)` alone, and
+its images must equal those of the folder pipeline with the same UNet. Offline, the local folder
+supplies the component configs.
 
-diffusers' reader tells CLIP-L from OpenCLIP bigG by the hidden width of the checkpoint's
-position embedding (768 vs 1280 in SDXL). The tiny and toy models have two 32-wide text encoders,
-so the pipeline reader would load text_encoder_2 from CLIP-L's keys: for those folders the test
-loads text_encoder_2 with the same reader function (`create_diffusers_clip_model_from_ldm`) on the
-file without CLIP-L's keys, and the `wide` folder (text encoders 32 and 48 wide: unequal, as in
-SDXL) checks all four components through `from_single_file` itself. No test touches the network:
-config= is a local folder, local_files_only=True, and conftest.py sets HF_HUB_OFFLINE=1.
+diffusers 0.42's reader tells CLIP-L from OpenCLIP bigG by width alone (768 vs 1280 in SDXL): the
+`wide` folder (text encoders 32 and 48 wide, unequal as in SDXL) passes. The tiny and toy models
+have two 32-wide text encoders, so the pipeline reader fills text_encoder_2 with CLIP-L's weights
+and leaves its text_projection on the meta device whatever the file holds (see single_file.py):
+those cases are strict expected failures, so a diffusers that tells them apart turns them into
+errors to remove the mark. The same files' parts are still checked one by one: text_encoder_2 with
+the reader's own function (`create_diffusers_clip_model_from_ldm`) on the file without CLIP-L's
+keys. No test touches the network: config= is a local folder, local_files_only=True, and
+conftest.py sets HF_HUB_OFFLINE=1.
 """
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
 import pytest
@@ -46,11 +51,18 @@ def load_components(folder) -> dict[str, torch.nn.Module]:
     }
 
 
+def assert_every_weight_loaded(name: str, model: torch.nn.Module) -> None:
+    """No parameter or buffer (persistent or not) left on the meta device by the reader."""
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    unloaded = [key for key, tensor in tensors if tensor.device.type == "meta"]
+    assert not unloaded, f"{name}: not loaded from the file: {unloaded}"
+
+
 def assert_same_tensors(name: str, expected: torch.nn.Module, actual: torch.nn.Module) -> None:
+    assert_every_weight_loaded(name, actual)
     want, got = expected.state_dict(), actual.state_dict()
     assert set(got) == set(want), f"{name}: keys differ"
     for key, tensor in want.items():
-        assert got[key].device.type != "meta", f"{name}.{key} was not in the file"
         assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), (
             f"{name}.{key} differs"
         )
@@ -120,41 +132,94 @@ def wide_sdxl_path(tiny_sdxl_path, tmp_path_factory):
 
 FOLDERS = {
     "tiny": lambda request: request.getfixturevalue("tiny_sdxl_path"),
-    "toy": lambda request: str(ASSETS_DIR / "toy-sdxl"),  # VAE downsamples by 4, fp16 weights
+    "toy": lambda request: str(ASSETS_DIR / "toy-sdxl"),  # VAE downsamples by 4
     "wide": lambda request: request.getfixturevalue("wide_sdxl_path"),
 }
+EQUAL_WIDTHS = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="diffusers' reader loads text_encoder_2 from CLIP-L's keys when both are equally wide",
+)
+ALL_FOLDERS = [
+    pytest.param("tiny", marks=EQUAL_WIDTHS),
+    pytest.param("toy", marks=EQUAL_WIDTHS),
+    "wide",
+]
 
 
-@pytest.mark.parametrize("which", list(FOLDERS))
-def test_round_trip_through_diffusers_reader(which, request, tmp_path):
+def read_pipeline(out, folder: str, **components) -> StableDiffusionXLPipeline:
+    """diffusers' own single-file reader, offline (`folder` gives the configs)."""
+    pipe = StableDiffusionXLPipeline.from_single_file(
+        str(out), config=folder, local_files_only=True, dtype=torch.float32, **components
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("which", ALL_FOLDERS)
+def test_from_single_file_reads_every_weight_back(which, request, tmp_path):
     folder = FOLDERS[which](request)
     original = load_components(folder)
     out = sf.save_single_file(folder, tmp_path / "model.safetensors", dtype=torch.float32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temp file left
-
-    same_width = (
-        original["text_encoder"].config.hidden_size == original["text_encoder_2"].config.hidden_size
-    )
-    pipe = StableDiffusionXLPipeline.from_single_file(
-        str(out),
-        config=folder,
-        local_files_only=True,
-        dtype=torch.float32,
-        # see the module docstring: with equal widths the pipeline would misread text_encoder_2
-        **({"text_encoder_2": None} if same_width else {}),
-    )
-    if same_width:
-        checkpoint = {k: v for k, v in load_file(out).items() if not k.startswith(sf.CLIP_L_PREFIX)}
-        pipe.text_encoder_2 = create_diffusers_clip_model_from_ldm(
-            CLIPTextModelWithProjection,
-            checkpoint,
-            config=folder,
-            subfolder="text_encoder_2",
-            torch_dtype=torch.float32,
-            local_files_only=True,
-        )
+    pipe = read_pipeline(out, folder)
     for name in COMPONENTS:
         assert_same_tensors(name, original[name], getattr(pipe, name))
+
+
+@pytest.mark.parametrize("which", ["tiny", "toy"])
+def test_equally_wide_text_encoders_round_trip_part_by_part(which, request, tmp_path):
+    """The files the pipeline reader cannot sort out hold every tensor: unet, vae and text_encoder
+    through the pipeline reader, text_encoder_2 through its function without CLIP-L's keys."""
+    folder = FOLDERS[which](request)
+    original = load_components(folder)
+    out = sf.save_single_file(folder, tmp_path / "model.safetensors", dtype=torch.float32)
+    pipe = read_pipeline(out, folder, text_encoder_2=None)
+    checkpoint = {k: v for k, v in load_file(out).items() if not k.startswith(sf.CLIP_L_PREFIX)}
+    pipe.text_encoder_2 = create_diffusers_clip_model_from_ldm(
+        CLIPTextModelWithProjection,
+        checkpoint,
+        config=folder,
+        subfolder="text_encoder_2",
+        torch_dtype=torch.float32,
+        local_files_only=True,
+    )
+    for name in COMPONENTS:
+        assert_same_tensors(name, original[name], getattr(pipe, name))
+
+
+@pytest.mark.parametrize("which", [pytest.param("toy", marks=EQUAL_WIDTHS), "wide"])
+def test_single_file_samples_the_images_of_the_exported_unet_folder(which, request, tmp_path):
+    """An export's two forms, the UNet folder on the base pipeline and the single file, give the
+    same images for the same prompts, seeds and steps (guided, so both text encoders count)."""
+    folder = FOLDERS[which](request)
+    parts = load_components(folder)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # stands in for a trained student: every UNet weight moved
+        for param in parts["unet"].parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.01)
+    parts["unet"].save_pretrained(tmp_path / "unet")
+    out = sf.save_components(**parts, out_file=tmp_path / "model.safetensors", dtype=torch.float32)
+
+    exported = StableDiffusionXLPipeline.from_pretrained(
+        folder,
+        unet=UNet2DConditionModel.from_pretrained(tmp_path / "unet"),
+        dtype=torch.float32,
+    )
+    exported.set_progress_bar_config(disable=True)
+    prompts = ["a large red circle at the top left on a white background", "a small blue square"]
+    images = [
+        pipe(
+            prompts,
+            num_inference_steps=3,
+            guidance_scale=5.0,
+            generator=[torch.Generator().manual_seed(seed) for seed in (3, 11)],
+            output_type="pt",
+        ).images
+        for pipe in (exported, read_pipeline(out, folder))
+    ]
+    difference = (images[0] - images[1]).abs().max().item()
+    assert difference <= 1e-5, f"single file vs UNet folder: images differ by {difference:.3g}"
 
 
 def test_cli_writes_the_sgm_layout_in_float16(tiny_sdxl_path, tmp_path):

@@ -94,10 +94,13 @@ def test_regenerate_commands_run_at_a_few_steps(tmp_path):
         "--steps", "2", "validation.every_n_steps=2", "checkpoint.every_n_steps=2", "data.batch_size=4",
         "trainer.enable_progress_bar=false", "logger=csv",
     ])
-    StableDiffusionXLPipeline.from_pretrained(out, use_safetensors=True)
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as weights:
         name = next(iter(weights.keys()))
         assert weights.get_tensor(name).dtype == torch.float16  # float16: the committed folder stays small
+    # ... but loaded as float32 with from_pretrained's defaults (diffusers: float32; transformers: the
+    # config's dtype), so the folder samples as the README types it.
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, use_safetensors=True)
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype} == {torch.float32}
     assert (tmp_path / "work" / "teacher" / "samples").is_dir()
 
     feature_net.main(["--out", str(tmp_path / "features.safetensors"), "--steps", "2"])

@@ -1,9 +1,12 @@
 """A procedural toy world: captioned scenes of one or two coloured shapes, generated on demand.
 
 Item i is a pure function of (seed, i), so the world is unbounded (any index works; `size` is only
-the epoch length) and identical in every process and worker. Captions fully name each shape's kind,
-colour, size and position and the background; a small jitter of position and size leaves the
-model a distribution of images per caption rather than one image.
+the epoch length) and identical in every process and worker. In the "rich" and "simple" worlds
+captions fully name each shape's kind, colour, size and position and the background; a small
+jitter of position and size leaves the model a distribution of images per caption rather than one
+image. In the "open" world captions name only the colour and the background texture: the shape's
+kind and quadrant and the texture's phase are free, so one caption has many sharp outcomes and a
+one-step regression onto them averages them into a blur (docs/METHOD.md, "Project choices").
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ STRIPE_RGB: tuple[tuple[int, int, int], tuple[int, int, int]] = ((255, 255, 255)
 NUM_STRIPES = 8
 GRADIENT_RGB: tuple[tuple[int, int, int], tuple[int, int, int]] = ((150, 190, 240), (255, 255, 255))
 
+# Textured backgrounds of the "open" world: a pattern of TEXTURE_PERIOD pixels (at the output
+# resolution of 32 px: 4 periods across) whose phase each scene draws uniformly, so the caption
+# never fixes it. Light and dark tones far apart, so averaging phases visibly flattens them.
+TEXTURES: tuple[str, ...] = ("stripes", "checks", "dots")
+TEXTURE_RGB: tuple[tuple[int, int, int], tuple[int, int, int]] = ((235, 235, 235), (70, 70, 70))
+TEXTURE_PERIOD = 0.25  # fraction of the image side
+
 # Shape centres (x, y) as fractions of the image side.
 POSITION_XY: dict[str, tuple[float, float]] = {
     "top left": (0.25, 0.25),
@@ -64,8 +74,10 @@ class WorldVocabulary:
     """What a toy world's scenes can contain (each a subset of the module-level vocabulary).
 
     Attributes:
-        shapes, colours, sizes, positions, backgrounds: the words a caption can use.
+        shapes, colours, sizes, positions, backgrounds: the words a caption can use (backgrounds
+            may also be TEXTURES, drawn at a random phase).
         max_shapes: 1, or 2 (two shapes in distinct quadrants with distinct colours).
+        named: the shape attributes a caption names; the others are free (drawn, not said).
     """
 
     shapes: tuple[str, ...] = SHAPES
@@ -74,6 +86,7 @@ class WorldVocabulary:
     positions: tuple[str, ...] = POSITIONS
     backgrounds: tuple[str, ...] = BACKGROUNDS
     max_shapes: int = 2
+    named: tuple[str, ...] = ("kind", "colour", "size", "position")
 
 
 # "rich": 1-2 shapes, the whole vocabulary (plumbing tests, real-looking captions).
@@ -90,7 +103,21 @@ WORLDS: dict[str, WorldVocabulary] = {
         backgrounds=("white", "black", "grey"),
         max_shapes=1,
     ),
+    # "open": where blur can happen. Captions name colour and texture only ("a red shape on a
+    # striped background"); kind, quadrant and texture phase are free: 4 x 3 = 12 captions, each
+    # with 3 kinds x 4 quadrants x a continuum of phases of sharp images.
+    "open": WorldVocabulary(
+        shapes=("circle", "square", "triangle"),
+        colours=("red", "green", "blue", "yellow"),
+        sizes=("large",),
+        positions=("top left", "top right", "bottom left", "bottom right"),
+        backgrounds=TEXTURES,
+        max_shapes=1,
+        named=("colour",),
+    ),
 }
+# How a caption says a texture.
+TEXTURE_WORDS: dict[str, str] = {"stripes": "striped", "checks": "checked", "dots": "dotted"}
 
 
 @dataclass(frozen=True)
@@ -112,12 +139,17 @@ class ShapeSpec:
     position: str
     centre: tuple[float, float]
     half_size: float
+    named: tuple[str, ...] = ("kind", "colour", "size", "position")
 
     @property
     def phrase(self) -> str:
-        """E.g. "a large red circle at the top left" or "a small blue cross in the centre"."""
-        where = "in the centre" if self.position == "centre" else f"at the {self.position}"
-        return f"a {self.size} {self.colour} {self.kind} {where}"
+        """E.g. "a large red circle at the top left", "a small blue cross in the centre", or with
+        only the colour named, "a red shape"."""
+        words = [getattr(self, a) for a in ("size", "colour") if a in self.named]
+        words.append(self.kind if "kind" in self.named else "shape")
+        if "position" in self.named:
+            words.append("in the centre" if self.position == "centre" else f"at the {self.position}")
+        return " ".join(["a", *words])
 
 
 @dataclass(frozen=True)
@@ -126,17 +158,20 @@ class Scene:
 
     Attributes:
         shapes: one or two shapes; two shapes sit in distinct quadrants and have distinct colours.
-        background: one of BACKGROUNDS.
+        background: one of BACKGROUNDS or TEXTURES.
+        phase: (x, y) offset of a textured background, fractions of its period in [0, 1).
     """
 
     shapes: tuple[ShapeSpec, ...]
     background: str
+    phase: tuple[float, float] = (0.0, 0.0)
 
     @property
     def caption(self) -> str:
         """Plain English, e.g. "a large red circle at the top left and a small blue square at the
-        bottom right on a white background"."""
-        return f"{' and '.join(s.phrase for s in self.shapes)} on a {self.background} background"
+        bottom right on a white background", or "a red shape on a striped background"."""
+        background = TEXTURE_WORDS.get(self.background, self.background)
+        return f"{' and '.join(s.phrase for s in self.shapes)} on a {background} background"
 
 
 def sample_scene(rng: np.random.Generator, vocabulary: WorldVocabulary = WORLDS["rich"]) -> Scene:
@@ -158,11 +193,33 @@ def sample_scene(rng: np.random.Generator, vocabulary: WorldVocabulary = WORLDS[
         x, y = POSITION_XY[position]
         shapes.append(
             ShapeSpec(
-                kind, v.colours[colour], size, position, (float(x + dx), float(y + dy)), float(half)
+                kind, v.colours[colour], size, position, (float(x + dx), float(y + dy)), float(half),
+                v.named,
             )
         )
     background = v.backgrounds[rng.integers(len(v.backgrounds))]
-    return Scene(tuple(shapes), background)
+    if background not in TEXTURES:  # the other worlds draw nothing more: their items are unchanged
+        return Scene(tuple(shapes), background)
+    phase = rng.uniform(0.0, 1.0, size=2)
+    return Scene(tuple(shapes), background, (float(phase[0]), float(phase[1])))
+
+
+def _texture(name: str, side: int, phase: tuple[float, float]) -> Image.Image:
+    """A textured background at `side` x `side`, shifted by `phase` (fractions of the period)."""
+    period = TEXTURE_PERIOD * side
+    x = (np.arange(side) + 0.5) / period + phase[0]  # (side,) position in periods
+    y = (np.arange(side) + 0.5) / period + phase[1]
+    fx, fy = x % 1.0, y % 1.0
+    if name == "stripes":  # vertical bars, half a period wide
+        dark = np.broadcast_to(fx[None, :] < 0.5, (side, side))
+    elif name == "checks":  # squares of half a period
+        dark = (fx[None, :] < 0.5) ^ (fy[:, None] < 0.5)
+    elif name == "dots":  # a dot of radius 0.25 period per cell
+        dark = (fx[None, :] - 0.5) ** 2 + (fy[:, None] - 0.5) ** 2 < 0.25**2
+    else:
+        raise ValueError(f"unknown texture {name!r}: expected one of {TEXTURES}")
+    light, shade = (np.array(c, dtype=np.uint8) for c in TEXTURE_RGB)
+    return Image.fromarray(np.where(dark[..., None], shade, light).astype(np.uint8))
 
 
 @lru_cache(maxsize=32)
@@ -207,7 +264,10 @@ def render_scene(scene: Scene, resolution: int) -> Image.Image:
     Drawn at SUPERSAMPLE x the resolution and box-downsampled, so edges are anti-aliased.
     """
     side = resolution * SUPERSAMPLE
-    canvas = _background(scene.background, side).copy()
+    if scene.background in TEXTURES:
+        canvas = _texture(scene.background, side, scene.phase)
+    else:
+        canvas = _background(scene.background, side).copy()
     draw = ImageDraw.Draw(canvas)
     for shape in scene.shapes:
         _draw_shape(draw, shape, side)
@@ -221,7 +281,8 @@ class ToyWorld(Dataset):
         resolution: image side R in pixels.
         size: epoch length (`len`); any non-negative index works, also beyond it.
         seed: world seed; different seeds give different worlds.
-        world: the vocabulary, a key of WORLDS ("rich" or "simple", the toy teacher's).
+        world: the vocabulary, a key of WORLDS ("rich", "simple": the toy teacher's, or "open":
+            captions that leave shape, position and texture phase free).
     """
 
     def __init__(

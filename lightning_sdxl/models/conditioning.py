@@ -50,3 +50,7 @@ class SDXLCondition:
             self.pooled_prompt_embeds.repeat(times, 1),
             self.add_time_ids.repeat(times, 1),
         )
+
+    def index(self, rows: torch.Tensor) -> SDXLCondition:
+        """The condition's rows `rows` (B',) in that order (e.g. captions rolled onto other samples)."""
+        return SDXLCondition(self.prompt_embeds[rows], self.pooled_prompt_embeds[rows], self.add_time_ids[rows])

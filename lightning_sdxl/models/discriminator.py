@@ -259,13 +259,26 @@ class DiscriminatorHead(nn.Module):
 
     @staticmethod
     def min_input_size(num_blocks: int) -> int:
-        """Smallest input height/width for which every block still has >= 1 pixel: 2**num_blocks.
+        """Smallest input height/width for `num_blocks` blocks: 1 without blocks, else 2**(num_blocks + 1).
 
-        A 4x4 conv with stride 2 and padding 1 maps size s >= 2 to floor(s / 2) and fails at 1.
+        A 4x4 conv with stride 2 and padding 1 maps size s >= 2 to floor(s / 2). The last block's
+        output must keep at least 2 x 2 pixels: at 1 x 1, GroupNorm(32) normalises C / 32 numbers
+        per group (3 on the toy UNet), which erases what the features say. Measured on the tiny
+        UNet at 64 px (tests/test_module.py, blurred vs sharp latents): a head ending at 1 x 1
+        stayed at chance (held-out accuracy 0.35-0.58 after 100 steps), 2 x 2 or no block reached 1.0.
         """
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-        return 2**num_blocks
+        return 1 if num_blocks == 0 else 2 ** (num_blocks + 1)
+
+    @staticmethod
+    def blocks_for(feature_size: int, min_output: int = 4) -> int:
+        """The default depth: as many blocks as leave at least `min_output` x `min_output` pixels
+        (SDXL at 1024 px: 32 -> 4 pixels, 3 blocks; the toy UNet's 4 x 4 features: no block)."""
+        blocks = 0
+        while feature_size // 2 ** (blocks + 1) >= min_output:
+            blocks += 1
+        return blocks
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """
@@ -279,7 +292,7 @@ class DiscriminatorHead(nn.Module):
         if min(features.shape[-2:]) < size:
             raise ValueError(
                 f"DiscriminatorHead with {self.num_blocks} blocks needs features of at least "
-                f"{size} x {size}, got {tuple(features.shape[-2:])}"
+                f"{size} x {size} (its last GroupNorm must see 2 x 2 pixels), got {tuple(features.shape[-2:])}"
             )
         # Block i: (B, C_in, h, w) -> (B, hidden, h / 2^(i+1), w / 2^(i+1)); SDXL 32 -> 16 -> 8.
         h = self.blocks(features)  # (B, hidden, h / 2^n, w / 2^n)
@@ -301,7 +314,8 @@ class Discriminator(nn.Module):
         backbone: UNetEncoder,
         conditional: bool,
         head_channels: int | None = None,
-        head_blocks: int = 2,
+        head_blocks: int | None = 2,
+        feature_size: int | None = None,
     ) -> None:
         """
         Args:
@@ -309,9 +323,15 @@ class Discriminator(nn.Module):
             conditional: True for D(x_t, x_{t'}, t, t', c) (phase a), False for D'(x_{t'}, t', c).
             head_channels: hidden channels of the head; None: the head's input channels
                 (backbone channels x 2 if conditional else x 1), rounded up to a multiple of 32.
-            head_blocks: number of stride-2 head blocks.
+            head_blocks: number of stride-2 head blocks; None: `DiscriminatorHead.blocks_for(feature_size)`.
+            feature_size: the backbone's output side at the training resolution (needed when
+                head_blocks is None).
         """
         super().__init__()
+        if head_blocks is None:
+            if feature_size is None:
+                raise ValueError("head_blocks=None (automatic depth) needs the backbone's feature_size")
+            head_blocks = DiscriminatorHead.blocks_for(feature_size)
         self.backbone = backbone
         self.conditional = conditional
         in_channels = backbone.out_channels * (2 if conditional else 1)
@@ -328,8 +348,9 @@ class Discriminator(nn.Module):
         unet: UNet2DConditionModel,
         conditional: bool,
         head_channels: int | None = None,
-        head_blocks: int = 2,
+        head_blocks: int | None = 2,
         dtype: torch.dtype | None = None,
+        latent_size: int | None = None,
     ) -> Discriminator:
         """A discriminator whose backbone is a trainable copy of the teacher's encoder + mid block.
 
@@ -339,10 +360,11 @@ class Discriminator(nn.Module):
             head_channels: see `Discriminator.__init__`.
             head_blocks: see `Discriminator.__init__`.
             dtype: cast backbone and head to this dtype; None keeps the teacher's.
+            latent_size: the training latents' side (needed when head_blocks is None).
         """
-        return cls(
-            UNetEncoder.from_unet(unet, dtype=dtype), conditional, head_channels, head_blocks
-        )
+        backbone = UNetEncoder.from_unet(unet, dtype=dtype)
+        feature_size = None if latent_size is None else latent_size // backbone.downsample_factor
+        return cls(backbone, conditional, head_channels, head_blocks, feature_size)
 
     def save(self, path: str | Path) -> None:
         """The discriminator's weights as safetensors, for the next phase of the stage (`continue_from`)."""

@@ -46,15 +46,15 @@ SDXL_SCHEDULER_CONFIG = {
 }
 
 
-def _text_config(projection: bool) -> CLIPTextConfig:
+def _text_config(projection: bool, width: int = TEXT_WIDTH) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=4 * TEXT_WIDTH,
+        hidden_size=width,
+        intermediate_size=4 * width,
         num_attention_heads=4,
         num_hidden_layers=3,
         max_position_embeddings=CLIP_MAX_LENGTH,
-        projection_dim=TEXT_WIDTH if projection else 512,
+        projection_dim=width if projection else 512,
         hidden_act="gelu",
         bos_token_id=49406,
         eos_token_id=49407,
@@ -62,11 +62,14 @@ def _text_config(projection: bool) -> CLIPTextConfig:
     )
 
 
-def _random_sdxl(seed: int, unet_size: dict, vae_size: dict) -> StableDiffusionXLPipeline:
+def _random_sdxl(
+    seed: int, unet_size: dict, vae_size: dict, text_widths: tuple[int, int] = (TEXT_WIDTH, TEXT_WIDTH)
+) -> StableDiffusionXLPipeline:
     """A randomly initialised SDXL pipeline: SDXL's UNet (4 latent channels, `text_time` added
     conditioning, cross-attention on both text encoders' states) and AutoencoderKL, sized by
-    `unet_size` / `vae_size`, with two toy CLIP text encoders, offline tokenizers and SDXL's
-    scheduler. Deterministic in `seed`, global RNG untouched."""
+    `unet_size` / `vae_size`, with two toy CLIP text encoders of `text_widths`, offline tokenizers
+    and SDXL's scheduler. Deterministic in `seed`, global RNG untouched."""
+    width_1, width_2 = text_widths
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
@@ -77,8 +80,8 @@ def _random_sdxl(seed: int, unet_size: dict, vae_size: dict) -> StableDiffusionX
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
-            projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * ADDITION_TIME_EMBED_DIM,
-            cross_attention_dim=2 * TEXT_WIDTH,
+            projection_class_embeddings_input_dim=width_2 + 6 * ADDITION_TIME_EMBED_DIM,  # pooled text 2
+            cross_attention_dim=width_1 + width_2,
             **unet_size,
         )
         levels = len(vae_size["block_out_channels"])
@@ -95,8 +98,8 @@ def _random_sdxl(seed: int, unet_size: dict, vae_size: dict) -> StableDiffusionX
         )
         return StableDiffusionXLPipeline(
             vae=vae,
-            text_encoder=CLIPTextModel(_text_config(projection=False)),
-            text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
+            text_encoder=CLIPTextModel(_text_config(projection=False, width=width_1)),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True, width=width_2)),
             tokenizer=offline_clip_tokenizer(),
             tokenizer_2=offline_clip_tokenizer(pad_token="!"),
             unet=unet,
@@ -127,9 +130,14 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
 # levels. (48, 96) ran at 0.33 s per batch of 64 here (2 cores), (64, 128) at 0.62 s, (32, 64) 0.28 s.
 TOY_RESOLUTION = 32
 TOY_BLOCK_OUT_CHANNELS = (48, 96)
+# Text encoders of unequal widths, as SDXL's (768 and 1280): diffusers' single-file reader
+# (0.42.1, create_diffusers_clip_model_from_ldm) tells CLIP-L from OpenCLIP by width alone, so two
+# encoders of one width load text_encoder_2 with CLIP-L's weights from an all-in-one file. The
+# "simple" world's committed teacher predates this and has (32, 32).
+TOY_TEXT_WIDTHS = (32, 48)
 
 
-def build_toy_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+def build_toy_sdxl(seed: int = 0, text_widths: tuple[int, int] = TOY_TEXT_WIDTHS) -> StableDiffusionXLPipeline:
     """The toy teacher's SDXL pipeline, randomly initialised (trained by lightning_sdxl.toy.build_teacher)."""
     unet_size = {
         "sample_size": TOY_RESOLUTION // 4,
@@ -141,7 +149,7 @@ def build_toy_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     }
     # scaling_factor is set from the trained VAE's latent std (lightning_sdxl.toy.autoencoder).
     vae_size = {"block_out_channels": (32, 64, 64), "sample_size": TOY_RESOLUTION, "scaling_factor": 1.0}
-    return _random_sdxl(seed, unet_size, vae_size)
+    return _random_sdxl(seed, unet_size, vae_size, text_widths)
 
 
 def default_cache_dir() -> Path:
