@@ -151,11 +151,19 @@ def kohya_state_dict(unet: UNet2DConditionModel, dtype: torch.dtype = torch.floa
     return state
 
 
+def portable_model_name(path: str) -> str:
+    """A hub id as it is; a local folder by its name (an absolute path names another machine's
+    disk; the packaged toy teacher lives inside site-packages)."""
+    folder = Path(path)
+    looks_local = folder.is_absolute() or path.startswith((".", "~")) or folder.exists()
+    return folder.name if looks_local else path
+
+
 def export_info(module) -> dict:
     """What a user needs besides the weights: base model, sampler settings, stage and loss."""
     hparams = module.hparams
     info = {
-        "base_model": hparams.model_path,
+        "base_model": portable_model_name(hparams.model_path),
         "num_inference_steps": hparams.student_steps,
         "guidance_scale": 0.0,
         "scheduler": "EulerDiscreteScheduler(timestep_spacing='trailing')",
@@ -177,7 +185,9 @@ def export_info(module) -> dict:
     else:
         info["comfyui"] = "Euler sampler, sgm_uniform scheduler, CFG 1"
     if hparams.get("teacher_path"):
-        info["teacher"] = hparams.teacher_path
+        info["teacher"] = portable_model_name(hparams.teacher_path)
+    if getattr(module, "discriminator_signal", None):
+        info["discriminator"] = module.discriminator_signal  # accuracy over the last fifth, no-signal flag
     return info
 
 

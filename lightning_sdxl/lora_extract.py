@@ -25,7 +25,7 @@ from peft import LoraConfig, set_peft_model_state_dict
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from lightning_sdxl.export import ADAPTER, INFO_FILE, save_lora_files
+from lightning_sdxl.export import ADAPTER, INFO_FILE, portable_model_name, save_lora_files
 from lightning_sdxl.io import atomic_dir
 from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES
 
@@ -118,7 +118,7 @@ def extract_to_folder(base_path: str, unet_path: str, out: Path, rank: int = 64,
     base = UNet2DConditionModel.from_pretrained(base_path, subfolder="unet", torch_dtype=torch.float32)
     tuned = UNet2DConditionModel.from_pretrained(unet_path, torch_dtype=torch.float32)
     adapted, info = extract_lora(base, tuned, rank)
-    info = {"base_model": str(base_path), "unet": str(unet_path), **info}
+    info = {"base_model": portable_model_name(str(base_path)), "unet": portable_model_name(str(unet_path)), **info}
     with atomic_dir(out) as folder:
         save_lora_files(adapted, folder, dtype)
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")

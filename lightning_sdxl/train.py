@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 import hydra
@@ -10,7 +11,7 @@ import lightning as L
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, open_dict
 
-from lightning_sdxl.callbacks.progress import BatchProgressBar
+from lightning_sdxl.callbacks.progress import BatchProgressBar, ProgressLog
 from lightning_sdxl.config_checks import validate_config
 from lightning_sdxl.errors import instantiate_checked
 from lightning_sdxl.io import AtomicCheckpointIO
@@ -30,6 +31,17 @@ for _message in (
     warnings.filterwarnings("ignore", message=_message)
 
 
+class _HideMaxStepsReached(logging.Filter):
+    """Lightning ends a run with "`max_steps=400` reached" where the user asked for steps=200
+    batches (its max_steps counts optimizer steps); ProgressLog's last line says it in batches."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`Trainer.fit` stopped: `max_steps=" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_HideMaxStepsReached())
+
+
 def optimizer_steps(cfg: DictConfig, batches: int) -> int:
     """Lightning global steps for `batches` batches (the step convention of lightning_sdxl/module.py):
     2 optimizer steps per adversarial (1 per MSE) optimizer update, one update per accumulation."""
@@ -45,8 +57,11 @@ def _multi_device(trainer_cfg: DictConfig) -> bool:
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     """The Trainer of `cfg.trainer` with the derived step counts and checkpoint writer."""
     kwargs = {"max_steps": optimizer_steps(cfg, cfg.steps)}
-    if cfg.trainer.get("enable_progress_bar", True):
+    if cfg.trainer.get("enable_progress_bar", True) and sys.stdout.isatty():
         callbacks = [*callbacks, BatchProgressBar()]
+    else:  # a log file or a SLURM job: a bar prints nothing until the end; plain lines instead
+        callbacks = [*callbacks, ProgressLog(cfg.progress_log_seconds)]
+        kwargs["enable_progress_bar"] = False
     if cfg.trainer.strategy == "auto" and _multi_device(cfg.trainer):
         # The generator and discriminator steps each leave the other's weights without gradients.
         kwargs["strategy"] = DDPStrategy(find_unused_parameters=True)

@@ -356,12 +356,17 @@ def test_module_groups_instantiate(choices, tiny_sdxl_path, make_config):
 
 
 @pytest.mark.parametrize("name", HUB_MODELS)
-def test_hub_models_compose_and_validate_without_network(name, make_config):
+def test_hub_models_compose_and_validate_without_network(name, make_config, monkeypatch):
+    from lightning_sdxl.models import loading
+
     cfg = make_config(f"model={name}")
     assert not Path(cfg.model.path).exists(), "the default is a hub id, not a local folder"
-    # With the settings it needs (mixed precision, no toy preset) the hub id passes validation:
-    # downloads happen in load_sdxl, and validation does not pretend a local folder exists.
+    # Offline and not in the cache: one line at once (the hub client would retry for minutes).
     cfg = make_config(f"model={name}", "~experiment", "trainer.precision=bf16-mixed")
+    with pytest.raises(ConfigError, match="not in the local Hugging Face cache, and the hub is not reachable"):
+        validate_config(cfg)
+    # Where the hub answers, the hub id passes validation: downloads happen in load_sdxl.
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=5.0: True)
     validate_config(cfg)
     check_pipeline_folder(cfg.model.path)
     with pytest.raises(FileNotFoundError, match=r"model\.path=/nonexistent/sdxl does not exist"):

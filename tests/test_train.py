@@ -102,3 +102,23 @@ def test_accumulation_must_divide_the_batch_counts(make_config):
 
     with pytest.raises(ConfigError, match="optim.accumulate_grad_batches=3"):
         train(make_config("optim.accumulate_grad_batches=3", "steps=4"))
+
+
+def test_cli_log_file_gets_progress_lines_and_checkpoint_names_paste_as_overrides(tmp_path):
+    """Off a terminal (here: captured output, as in a SLURM log) progress is plain lines in batches;
+    a periodic checkpoint's name pastes into ckpt_path= as is, and every periodic one is kept."""
+    run = tmp_path / "run"
+    common = ["loss=uncond_adv", "checkpoint.every_n_steps=2", "progress_log_seconds=0", f"hydra.run.dir={run}"]
+    first = run_cli(["steps=4", *common])
+    assert first.returncode == 0, first.stderr[-3000:]
+    output = first.stdout + first.stderr
+    assert "batch 2/4 (50%)" in output and "batch 4/4 (100%)" in output and "ETA" in output
+    assert "Finished: 4 batches trained" in output
+    assert "max_steps=" not in output and "Epoch 0/-2" not in output
+    periodic = sorted(path.name for path in (run / "checkpoints").glob("global-step-*.ckpt"))
+    assert periodic == ["global-step-0000004.ckpt", "global-step-0000008.ckpt"]  # 2 optimizer steps per batch
+    branch = tmp_path / "branch"  # continue from the earlier checkpoint in a run of its own
+    resumed = run_cli(["steps=6", *common[:-1], f"hydra.run.dir={branch}", f"ckpt_path={run / 'checkpoints' / periodic[0]}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "batch 6/6 (100%)" in resumed.stdout + resumed.stderr
+    assert torch.load(branch / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12

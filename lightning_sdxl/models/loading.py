@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
@@ -29,12 +31,41 @@ class SDXLComponents:
     force_zeros_for_empty_prompt: bool
 
 
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connection within `timeout` seconds."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub_model_reachable(repo_id: str) -> None:
+    """A hub id must be in the local cache or the hub must answer: offline, the hub client would
+    otherwise retry for minutes per file before failing (measured: over 5 minutes for SDXL)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str) or hub_reachable():
+        return
+    raise FileNotFoundError(
+        f"model.path={repo_id} is a hub id that is not in the local Hugging Face cache, and the hub is "
+        f"not reachable (offline): download it where there is network (hf download {repo_id}) "
+        "or set model.path to a local diffusers SDXL folder."
+    )
+
+
 def check_pipeline_folder(path: str) -> None:
     """Fail fast, before any weights load, if a local SDXL folder is missing or incomplete."""
     folder = Path(path)
     looks_local = folder.is_absolute() or path.startswith((".", "~")) or folder.exists()
     if not looks_local:
-        return  # a hub id ("org/name"): diffusers resolves it from the cache or the hub
+        check_hub_model_reachable(path)  # a hub id ("org/name"): from the cache or the hub
+        return
     if not folder.is_dir():
         raise FileNotFoundError(
             f"model.path={path} does not exist: point it at a diffusers SDXL folder "
