@@ -4,11 +4,8 @@ Per batch (METHOD.md 2-3): latents x0 and condition c; a jump t -> t' of the sta
 teacher's n-step target x_{t'}; the student's one-step x_{t'}; then a generator step and, for the
 adversarial losses, a discriminator step. The maths lives in `diffusion/`, `models/`, `losses.py`.
 
-Step convention: everything the user configures (`steps`, validation and checkpoint intervals)
-counts batches. Lightning's `trainer.global_step` counts optimizer steps: an adversarial batch
-advances it by 2 (generator + discriminator), an MSE batch by 1, and with gradient accumulation
-only every `accumulate_grad_batches`-th batch steps. `train()` converts batches to optimizer steps
-where Lightning needs them; loggers' x-axis counts batches.
+Step convention (lightning_sdxl/steps.py): everything the user configures counts batches;
+Lightning's `trainer.global_step` counts optimizer steps (2 per adversarial batch).
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from lightning_sdxl.models.loading import cast, check_same_noise_schedule, load_
 from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeacher
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
+from lightning_sdxl.steps import to_batches
 
 # A phase whose discriminator accuracy over its last fifth stays within CHANCE_BAND of 0.5 carried
 # no adversarial signal: the generator followed noise (issue 10's measurement on the toy).
@@ -207,10 +205,13 @@ class DistillationModule(L.LightningModule):
         return 2 if self.adversarial else 1
 
     @property
+    def accumulate_grad_batches(self) -> int:
+        return self.hparams.accumulate_grad_batches
+
+    @property
     def batches_trained(self) -> int:
-        """Batches trained so far (the project's step convention, see the module docstring)."""
-        optimizer_steps = self.trainer.global_step // self.optimizers_per_batch
-        return optimizer_steps * self.hparams.accumulate_grad_batches
+        """Batches trained so far (the project's step convention, lightning_sdxl/steps.py)."""
+        return to_batches(self.trainer.global_step, self.optimizers_per_batch, self.accumulate_grad_batches)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x0 = self.encode_images(batch["pixel_values"])  # (B, 4, R/f, R/f)

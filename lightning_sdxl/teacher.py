@@ -39,7 +39,7 @@ def loss_weight(prediction: str, a_t: torch.Tensor, weighting: str) -> torch.Ten
     "v" weighs any parameterisation's error as the v-prediction loss would (Salimans & Ho 2022):
     ||v - v_hat||^2 = ||eps - eps_hat||^2 / a_t = ||x0 - x0_hat||^2 / (1 - a_t). For epsilon
     prediction this lifts the high-noise steps, whose eps errors the sampler multiplies by
-    sqrt((1 - a_t) / a_t) (up to 15x on SDXL's schedule); measured in FIELD-NOTES, uniform eps
+    sqrt((1 - a_t) / a_t) (up to 15x on SDXL's schedule); measured (docs/MEASUREMENTS.md), uniform eps
     weighting left 32-step samples as noise after 13 minutes, v weighting learned colours.
     "uniform" is plain MSE on the output (SDXL's own eps loss).
     """
@@ -64,7 +64,7 @@ class TeacherModule(L.LightningModule):
         caption_dropout: probability of training a sample on the empty condition (CFG).
         loss_weighting: "v" or "uniform" (see `loss_weight`).
         train_text_encoders: train both text encoders with the UNet (a toy world's captions are
-            nearly indistinguishable to random encoders, FIELD-NOTES).
+            nearly indistinguishable to random encoders, docs/MEASUREMENTS.md).
         optimizer: a Hydra config of a partial optimizer.
         lr_scheduler: a Hydra config of a partial LR scheduler (stepped per batch), or None.
         validation_steps: sampling steps of the validation grid (trailing Euler).
@@ -145,6 +145,10 @@ class TeacherModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Always clip the global norm at 1 (v weighting makes high-noise batches large)."""
         self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+
+    # One optimizer, no accumulation: a batch is an optimizer step (lightning_sdxl/steps.py).
+    optimizers_per_batch = 1
+    accumulate_grad_batches = 1
 
     @property
     def batches_trained(self) -> int:

@@ -17,6 +17,7 @@ from lightning_sdxl.errors import instantiate_checked
 from lightning_sdxl.io import AtomicCheckpointIO
 from lightning_sdxl.losses import ADVERSARIAL_LOSSES
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
+from lightning_sdxl.steps import to_optimizer_steps
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,10 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_HideMaxSte
 
 
 def optimizer_steps(cfg: DictConfig, batches: int) -> int:
-    """Lightning global steps for `batches` batches (the step convention of lightning_sdxl/module.py):
-    2 optimizer steps per adversarial (1 per MSE) optimizer update, one update per accumulation."""
-    return batches // cfg.optim.accumulate_grad_batches * (2 if cfg.loss.name in ADVERSARIAL_LOSSES else 1)
+    """Lightning global steps for `batches` batches (lightning_sdxl/steps.py). The module's config
+    says whether it accumulates (a teacher run does not: it ignores the optim group)."""
+    optimizers = 2 if cfg.loss.name in ADVERSARIAL_LOSSES else 1
+    return to_optimizer_steps(batches, optimizers, cfg.module.get("accumulate_grad_batches", 1))
 
 
 def _multi_device(trainer_cfg: DictConfig) -> bool:

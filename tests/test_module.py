@@ -123,7 +123,7 @@ def test_checkpoint_holds_trainable_weights_only(make_config, tiny_sdxl_path):
 
 @pytest.mark.parametrize("loss,student", [("cond_adv", "lora"), ("uncond_adv", "full")])
 def test_every_trainable_weight_gets_optimizer_state_and_moves(make_config, tiny_sdxl_path, loss, student):
-    """FIELD-NOTES pitfall: a submodule can silently never train; check every single weight."""
+    """docs/MEASUREMENTS.md: a submodule can silently never train; check every single weight."""
     module, cfg = build_module(make_config, tiny_sdxl_path, f"loss={loss}", f"student={student}", "student.lr=1e-3")
     trainable = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
     data = ToyWorldDataModule(resolution=cfg.data.resolution, batch_size=2, num_val_prompts=2)

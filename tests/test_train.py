@@ -122,3 +122,15 @@ def test_cli_log_file_gets_progress_lines_and_checkpoint_names_paste_as_override
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "batch 6/6 (100%)" in resumed.stdout + resumed.stderr
     assert torch.load(branch / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
+def test_step_convention_in_one_place(make_config):
+    """steps counts batches; Lightning's max_steps counts optimizer steps. A teacher run ignores the
+    optim group's accumulation (it trained half the batches asked for when max_steps divided by it)."""
+    from lightning_sdxl.steps import to_batches
+    from lightning_sdxl.train import optimizer_steps
+
+    assert optimizer_steps(make_config("loss=cond_adv", "optim.accumulate_grad_batches=2"), 8) == 8
+    assert optimizer_steps(make_config("loss=mse", "optim.accumulate_grad_batches=2"), 8) == 4
+    assert optimizer_steps(make_config("stage=teacher", "optim.accumulate_grad_batches=2"), 8) == 8
+    assert to_batches(8, optimizers_per_batch=2, accumulate=2) == 8 and to_batches(8, 1) == 8

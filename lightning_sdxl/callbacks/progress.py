@@ -10,21 +10,20 @@ import time
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
+from lightning_sdxl.steps import to_batches
+
 log = logging.getLogger(__name__)
 
 
 def batches_in_run(trainer: L.Trainer) -> int:
-    """The run's length in batches: Lightning's `max_steps` counts optimizer steps (2 per
-    adversarial batch, one per `accumulate_grad_batches` batches)."""
+    """The run's length in batches (Lightning's `max_steps` counts optimizer steps)."""
     module = trainer.lightning_module
-    steps_per_batch = module.optimizers_per_batch / module.hparams.accumulate_grad_batches
-    return round(trainer.max_steps / steps_per_batch)
+    return to_batches(trainer.max_steps, module.optimizers_per_batch, module.accumulate_grad_batches)
 
 
 def batches_done(trainer: L.Trainer) -> int:
     module = trainer.lightning_module
-    steps_per_batch = module.optimizers_per_batch / module.hparams.accumulate_grad_batches
-    return round(trainer.global_step / steps_per_batch)
+    return to_batches(trainer.global_step, module.optimizers_per_batch, module.accumulate_grad_batches)
 
 
 class BatchProgressBar(RichProgressBar):

@@ -92,7 +92,7 @@ class WorldVocabulary:
 # "rich": 1-2 shapes, the whole vocabulary (plumbing tests, real-looking captions).
 # "simple": the world of the committed toy teacher (lightning_sdxl/assets), small enough for a
 # 2-core CPU to learn in under an hour: one large shape, 3 kinds x 4 colours x 4 quadrants x 3
-# backgrounds = 144 captions (FIELD-NOTES: a bigger world was not learned in 18 minutes).
+# backgrounds = 144 captions (docs/MEASUREMENTS.md: a bigger world was not learned in 18 minutes).
 WORLDS: dict[str, WorldVocabulary] = {
     "rich": WorldVocabulary(),
     "simple": WorldVocabulary(

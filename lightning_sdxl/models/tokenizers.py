@@ -15,7 +15,7 @@ def offline_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """SDXL's CLIP tokenizer, built from the vocabulary that ships inside open_clip.
 
     Built from the in-memory vocabulary and merge tuples: building it from vocab/merges file
-    paths gave degenerate ids with transformers 5 (FIELD-NOTES.md).
+    paths gave degenerate ids with transformers 5 (docs/MEASUREMENTS.md).
 
     Args:
         pad_token: "<|endoftext|>" for SDXL's tokenizer 1, "!" for tokenizer 2.
