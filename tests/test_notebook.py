@@ -37,7 +37,8 @@ def executed(tmp_path_factory) -> nbformat.NotebookNode:
     """The notebook executed as Jupyter runs it: kernel `python3` of this interpreter, cwd notebooks/."""
     jupyter = tmp_path_factory.mktemp("jupyter")
     write_kernel_spec(jupyter / "kernels" / "python3")  # argv: this interpreter -m ipykernel_launcher
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path_factory.mktemp("kernel_tmp"))}
+    kernel_tmp = tmp_path_factory.mktemp("kernel_tmp")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(kernel_tmp)}
     # One thread: the tiny model's ops are too small to split, and on 2 busy cores 2 threads ran
     # the notebook in 58 s instead of 17 s (measured).
     env["OMP_NUM_THREADS"] = "1"
@@ -49,6 +50,7 @@ def executed(tmp_path_factory) -> nbformat.NotebookNode:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JUPYTER_PATH", str(jupyter))  # found before any user or system kernel spec
         client.execute(env=env)  # raises CellExecutionError on the first failing cell
+    notebook.metadata["kernel_tmp"] = str(kernel_tmp)  # for the clean-up test
     return notebook
 
 
@@ -73,6 +75,29 @@ def test_finds_the_repository_from_the_root_or_notebooks(cwd, monkeypatch):
     scope = {"Path": Path}
     exec(line, scope)  # noqa: S102 (the notebook's own line, run from each folder)
     assert scope["REPO"].resolve() == REPO
+
+
+def test_outside_the_repository_says_where_to_run_it(tmp_path, monkeypatch):
+    source = code_cell(read_notebook(), "REPO = ").source
+    lines = source[source.index("REPO = "):].split("\nDEVICE")[0]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="open this notebook from a clone of the repository"):
+        exec(lines, {"Path": Path})  # noqa: S102
+
+
+def test_leaves_no_temporary_run_behind(executed):
+    assert not list(Path(executed.metadata["kernel_tmp"]).glob("inspect_checkpoint_*"))
+
+
+def test_default_prompts_use_the_toy_teachers_words():
+    from lightning_sdxl.data.toy_world import WORLDS
+
+    scope = {}
+    exec(next(cell for cell in read_notebook().cells if cell.cell_type == "code").source, scope)  # noqa: S102
+    words = {w for v in (WORLDS["simple"].shapes, WORLDS["simple"].colours, WORLDS["simple"].backgrounds) for w in v}
+    for prompt in scope["PROMPTS"]:
+        named = set(prompt.split()) & {w for v in WORLDS["rich"].__dict__.values() if isinstance(v, tuple) for w in v}
+        assert named <= words | set(WORLDS["simple"].sizes) | {"top", "bottom", "left", "right"}, prompt
 
 
 def test_runs_without_errors(executed):
