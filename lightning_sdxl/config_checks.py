@@ -28,11 +28,12 @@ def _require(condition: bool, message: str) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Check the composed training config; raise ConfigError naming the key and the fix."""
     stage, student, loss = cfg.stage, cfg.student, cfg.loss
-    _require(
-        stage.student_steps >= 1 and stage.teacher_steps % stage.student_steps == 0,
-        f"stage.teacher_steps={stage.teacher_steps} is not a multiple of stage.student_steps="
-        f"{stage.student_steps}; pick steps whose ratio is a whole number (e.g. stage=8to4).",
-    )
+    if "student_steps" in stage:  # a distillation stage (stage=teacher has no student)
+        _require(
+            stage.student_steps >= 1 and stage.teacher_steps % stage.student_steps == 0,
+            f"stage.teacher_steps={stage.teacher_steps} is not a multiple of stage.student_steps="
+            f"{stage.student_steps}; pick steps whose ratio is a whole number (e.g. stage=8to4).",
+        )
     _require(
         student.type in ("lora", "full"),
         f"student.type={student.type}: use student=lora or student=full.",

@@ -11,6 +11,7 @@ Lightning's `trainer.global_step` counts optimizer steps (2 per adversarial batc
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import hydra
 import lightning as L
@@ -41,6 +42,26 @@ def plain_config(value):
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass
+class Jump:
+    """One batch's jump t -> t' (METHOD.md 2): where it starts, both ends, the condition.
+
+    Attributes:
+        x_t: (B, 4, h, w) the noisy latents the jump starts from.
+        t, t_next: (B,) t and t' (CLEAN = -1 past the last step).
+        condition: the text and micro-conditioning.
+        x_next_real: (B, 4, h, w) the frozen teacher's x_{t'} after n steps.
+        x_next_fake: (B, 4, h, w) the student's x_{t'} after one step (with gradients).
+    """
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    t_next: torch.Tensor
+    condition: SDXLCondition
+    x_next_real: torch.Tensor
+    x_next_fake: torch.Tensor
 
 
 class DistillationModule(L.LightningModule):
@@ -100,12 +121,12 @@ class DistillationModule(L.LightningModule):
         adversarial_weight: float = 1.0,
         discriminator_warmup: int = 0,
         conditioning_fakes: bool = False,
-        renoise_timesteps: list[int] = (10, 250, 500, 750),
-        renoise_weights: list[float] = (1, 1, 1, 1),
+        renoise_timesteps: list[int] | None = (10, 250, 500, 750),
+        renoise_weights: list[float] | None = (1, 1, 1, 1),
         student_type: str = "lora",
-        lora_rank: int = 64,
+        lora_rank: int | None = 64,
         lora_alpha: float | None = None,
-        lora_target_modules: list[str] = LCM_LORA_TARGET_MODULES,
+        lora_target_modules: list[str] | None = LCM_LORA_TARGET_MODULES,
         gradient_checkpointing: bool = False,
         prediction_type: str | None = None,
         head_blocks: int | None = None,
@@ -166,12 +187,12 @@ class DistillationModule(L.LightningModule):
             if discriminator_init:
                 self.discriminator.continue_from(discriminator_init)
         self.pair = StudentTeacher(
-            components.unet, student_type, lora_rank, lora_alpha, tuple(lora_target_modules), dtype,
+            components.unet, student_type, lora_rank, lora_alpha, tuple(lora_target_modules or ()), dtype,
             student_init, teacher=separate_teacher,
         )
         if gradient_checkpointing:
             self.pair.unet.enable_gradient_checkpointing()
-        self.renoiser = Renoiser(list(renoise_timesteps), list(renoise_weights))
+        self.renoiser = Renoiser(list(renoise_timesteps), list(renoise_weights)) if self.adversarial else None
         self.discriminator_accuracies: list[torch.Tensor] = []  # per batch, for the signal check
         self.discriminator_signal: dict | None = None  # set when training ends (`on_train_end`)
         self.validation_outputs: list[dict[str, torch.Tensor]] = []
@@ -213,14 +234,13 @@ class DistillationModule(L.LightningModule):
         """Batches trained so far (the project's step convention, lightning_sdxl/steps.py)."""
         return to_batches(self.trainer.global_step, self.optimizers_per_batch, self.accumulate_grad_batches)
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        x0 = self.encode_images(batch["pixel_values"])  # (B, 4, R/f, R/f)
-        condition = self.condition(batch["prompt"], batch["original_size"], batch["crop_top_left"])
+    def jump(self, x0: torch.Tensor, condition: SDXLCondition) -> Jump:
+        """One jump of the stage for latents x0 (METHOD.md 2, steps 1-4): t and t', x_t, the frozen
+        teacher's n-step target and the student's one-step x_{t'} (with gradients to the student)."""
         path = self.grid.draw(len(x0)).to(self.device)  # (n + 1, B): t, teacher substeps, t'
         t, t_next = path[0], path[-1]
-        x_t = self.schedule.forward_process(x0, torch.randn_like(x0), t)
-
-        # Teacher target: n frozen steps from t to t' (METHOD.md 2, step 3).
+        x_t = self.schedule.forward_process(x0, torch.randn_like(x0), t)  # (B, 4, R/f, R/f)
+        # Teacher target: n frozen steps from t to t' (step 3).
         x_next_real = solve(
             self.pair.teacher, self.schedule, self.teacher_prediction, x_t, path, condition,
             self.uncondition(condition), self.hparams.guidance_scale,
@@ -228,30 +248,51 @@ class DistillationModule(L.LightningModule):
         # Student: one jump from t to t' (step 4).
         u = self.pair.student(x_t, t, condition)
         x_next_fake = move(self.schedule, self.student_prediction, x_t, u, t, t_next)
+        return Jump(x_t, t, t_next, condition, x_next_real, x_next_fake)
 
-        regression = mse_loss(x_next_fake, x_next_real) if self.loss_kind.regression else None
+    def judged(self, jump: Jump) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(real, fake, t_judge): the jump's x_{t'} as the discriminator sees them, re-noised to t*
+        where t' is clean (multi-timestep discrimination, METHOD.md 3)."""
+        clean = jump.t_next == CLEAN
+        return self.renoiser(self.schedule, jump.x_next_real, jump.x_next_fake, jump.t_next, clean)
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        x0 = self.encode_images(batch["pixel_values"])  # (B, 4, R/f, R/f)
+        condition = self.condition(batch["prompt"], batch["original_size"], batch["crop_top_left"])
+        jump = self.jump(x0, condition)
         if not self.adversarial:
-            self._optimizer_step(0, regression, "generator", batch_idx)
+            self.generator_phase(jump, None, None, batch_idx)
             return
-        # Multi-timestep discrimination when t' is clean (METHOD.md 3).
-        x_real, x_fake, t_judge = self.renoiser(self.schedule, x_next_real, x_next_fake, t_next, t_next == CLEAN)
+        x_real, x_fake, t_judge = self.judged(jump)
+        self.generator_phase(jump, x_fake, t_judge, batch_idx)
+        self.discriminator_phase(jump, x_real, x_fake.detach(), t_judge, batch_idx)
 
-        # Generator phase: fool the discriminator (during the warm-up the generator does not move).
-        generator = None
-        if self.batches_trained >= self.hparams.discriminator_warmup:
-            (logits_fake,) = self.discriminator.judge(x_t, t, [x_fake], t_judge, condition)
-            generator = generator_loss(logits_fake)
-            if regression is not None:  # mse_adv: MSE + lambda x adversarial (METHOD.md 7)
-                self.log("loss/generator_adversarial", generator.detach())
-                generator = regression + self.hparams.adversarial_weight * generator
-        self._optimizer_step(0, generator, "generator", batch_idx)
+    def generator_phase(self, jump: Jump, x_fake, t_judge, batch_idx: int) -> None:
+        """Generator step: MSE to the teacher's x_{t'} and/or fooling the discriminator (not during
+        the discriminator warm-up). D's weights are toggled off before its forward, so their
+        gradients are never computed."""
+        generator = self._as_list(self.optimizers())[0]
+        with self.toggled_optimizer(generator):
+            loss = mse_loss(jump.x_next_fake, jump.x_next_real) if self.loss_kind.regression else None
+            if self.adversarial and self.batches_trained >= self.hparams.discriminator_warmup:
+                (logits_fake,) = self.discriminator.judge(jump.x_t, jump.t, [x_fake], t_judge, jump.condition)
+                adversarial = generator_loss(logits_fake)
+                if loss is not None:  # mse_adv: MSE + lambda x adversarial (METHOD.md 7)
+                    self.log("loss/generator_adversarial", adversarial.detach())
+                    adversarial = self.hparams.adversarial_weight * adversarial
+                loss = adversarial if loss is None else loss + adversarial
+            self._optimizer_step(0, loss, "generator", batch_idx)
 
-        # Discriminator phase: real and fake in one batch, d(x_t) computed once.
-        logits_real, logits_fake = self.discriminator.judge(x_t, t, [x_real, x_fake.detach()], t_judge, condition)
-        extra_fakes = self._conditioning_fakes(x_t, t, x_real, t_judge, condition)
-        self._optimizer_step(
-            1, discriminator_loss(logits_real, torch.cat([logits_fake, *extra_fakes])), "discriminator", batch_idx
-        )
+    def discriminator_phase(self, jump: Jump, x_real, x_fake, t_judge, batch_idx: int) -> None:
+        """Discriminator step: real and fake in one batch, d(x_t) computed once (METHOD.md 3)."""
+        discriminator = self._as_list(self.optimizers())[1]
+        with self.toggled_optimizer(discriminator):
+            logits_real, logits_fake = self.discriminator.judge(
+                jump.x_t, jump.t, [x_real, x_fake], t_judge, jump.condition
+            )
+            extra_fakes = self._conditioning_fakes(jump.x_t, jump.t, x_real, t_judge, jump.condition)
+            loss = discriminator_loss(logits_real, torch.cat([logits_fake, *extra_fakes]))
+            self._optimizer_step(1, loss, "discriminator", batch_idx)
         accuracy_real, accuracy_fake = (logits_real > 0).float().mean(), (logits_fake < 0).float().mean()
         self.discriminator_accuracies.append(((accuracy_real + accuracy_fake) / 2).detach())
         self.log_dict(
@@ -300,13 +341,12 @@ class DistillationModule(L.LightningModule):
 
     def _optimizer_step(self, index: int, loss: torch.Tensor | None, name: str, batch_idx: int) -> None:
         """Backward for optimizer `index`; every `accumulate_grad_batches` batches clip, step and
-        advance its LR schedule. The other optimizer's weights are toggled off meanwhile.
+        advance its LR schedule. Called inside `toggled_optimizer` of that optimizer.
 
         loss=None (the discriminator warm-up) steps without gradients: Adam leaves the weights as
         they are, and `global_step` still advances, so the step convention holds."""
         optimizer = self._as_list(self.optimizers())[index]
         accumulate = self.hparams.accumulate_grad_batches
-        self.toggle_optimizer(optimizer)
         if loss is not None:
             self.manual_backward(loss / accumulate)
         if (batch_idx + 1) % accumulate == 0:
@@ -317,7 +357,6 @@ class DistillationModule(L.LightningModule):
             schedulers = self._as_list(self.lr_schedulers())
             if schedulers:
                 schedulers[index].step()
-        self.untoggle_optimizer(optimizer)
         if loss is not None:
             self.log(f"loss/{name}", loss.detach(), prog_bar=True, sync_dist=True)
         self.log(f"lr/{name}", optimizer.param_groups[0]["lr"])

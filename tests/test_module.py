@@ -140,11 +140,12 @@ def test_every_trainable_weight_gets_optimizer_state_and_moves(make_config, tiny
     # The tiny UNet's 32-channel blocks use GroupNorm(32): one channel per group, so the per-channel
     # shift that time_emb_proj adds before norm2 is normalised away and its gradient is exactly zero
     # (a property of the architecture; they moved before only by float noise, which Adam amplifies).
-    # Its LoRA A stays put; everything else must move.
+    # Its LoRA A stays put (at most float noise, RMS gradient < 1e-12, reaches it); all else must move.
     dead = {name for name in frozen_still if ".time_emb_proj." in name and _block_channels(module, name) == 32}
     assert frozen_still - dead == set()
     for name in dead:
-        assert not optimizer_second_moment(trainer, parameters[name]).any(), f"{name} got a gradient but did not move"
+        rms_gradient = optimizer_second_moment(trainer, parameters[name]).max().sqrt()
+        assert rms_gradient < 1e-12, f"{name} got a real gradient ({rms_gradient:.2e}) but did not move"
 
 
 def _block_channels(module, name: str) -> int:
