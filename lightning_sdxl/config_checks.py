@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -137,6 +138,18 @@ def validate_config(cfg: DictConfig) -> None:
             raise MissingPathError(str(error) + (hint if cfg.model.name == "toy" else "")) from error
     if loss.name in ADVERSARIAL_LOSSES:
         _check_discriminator_fits(cfg)
+    _check_loggers(cfg)
+
+
+def _check_loggers(cfg: DictConfig) -> None:
+    """An optional logger package that is not installed (wandb) fails here, not after the model loads."""
+    for key, logger in (cfg.get("logger") or {}).items():
+        target = str((logger or {}).get("_target_", ""))
+        if target.rsplit(".", 1)[-1] == "WandbLogger" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                f"logger.{key} needs the wandb package, which is not installed: pip install wandb "
+                "(or choose logger=tensorboard or logger=csv)."
+            )
 
 
 # Data paths a data module needs: key -> (must be a folder, what it is).

@@ -6,6 +6,7 @@ An export folder holds
     lora.safetensors        LoRA students: diffusers format (`pipe.load_lora_weights`), with adapter metadata
     lora_kohya.safetensors  LoRA students: kohya names (`lora_unet_*`, `lora_down`/`lora_up`, `.alpha`)
     sdxl_single_file.safetensors  the all-in-one checkpoint: UNet, VAE, both text encoders (SGM layout)
+    comfyui_workflow.json   ComfyUI's API-format graph for the single file (comfyui.py)
     discriminator.safetensors  adversarial students: the trained discriminator (the recipe's next
                             phase of the stage continues it; not an inference file)
     export_info.json        base model, steps, prediction type, stage, loss, files
@@ -43,6 +44,7 @@ from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from lightning_sdxl.comfyui import write_workflow
 from lightning_sdxl.io import atomic_dir
 from lightning_sdxl.models.loading import cast
 from lightning_sdxl.single_file import save_components, sgm_unet_names
@@ -54,6 +56,7 @@ UNET_DIR, SCHEDULER_DIR, INFO_FILE = "unet", "scheduler", "export_info.json"
 LORA_FILE, KOHYA_FILE = "lora.safetensors", "lora_kohya.safetensors"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 SINGLE_FILE = "sdxl_single_file.safetensors"
+COMFYUI_FILE = "comfyui_workflow.json"  # ComfyUI's API-format graph for the single file (comfyui.py)
 
 
 def is_lora_student(module) -> bool:
@@ -165,6 +168,7 @@ def export_info(module) -> dict:
     info = {
         "base_model": portable_model_name(hparams.model_path),
         "num_inference_steps": hparams.student_steps,
+        "resolution": hparams.resolution,
         "guidance_scale": 0.0,
         "scheduler": "EulerDiscreteScheduler(timestep_spacing='trailing')",
         "prediction_type": module.student_prediction.name,
@@ -230,7 +234,11 @@ def export_student(
             module.discriminator.save(folder / DISCRIMINATOR_FILE)
         info = {**export_info(module), **(info or {})}
         if single_file:
-            info["files"].append(SINGLE_FILE)
+            info["files"] += [SINGLE_FILE, COMFYUI_FILE]
+            write_workflow(
+                folder / COMFYUI_FILE, SINGLE_FILE, module.hparams.student_steps,
+                module.hparams.resolution, module.student_prediction.name,
+            )
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     log.info("Exported the student to %s", out_dir)
     return out_dir

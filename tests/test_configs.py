@@ -6,6 +6,7 @@ that cannot work must fail in `validate_config` (one line naming the key) before
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -218,6 +219,10 @@ def test_metric_files_name_their_weights_when_absent(group, name, make_config, m
 @pytest.mark.parametrize(("group", "name"), _files("logger"), ids=_ids(_files("logger")))
 def test_logger_files_instantiate(group, name, make_config):
     cfg = make_config(f"logger={name}")
+    if name == "wandb" and importlib.util.find_spec("wandb") is None:  # optional: tests/test_logger_wandb.py
+        with pytest.raises(ConfigError, match="pip install wandb"):
+            validate_config(cfg)
+        return
     loggers = instantiate_loggers(cfg)
     entries = list((cfg.logger or {}).values())
     assert len(loggers) == len(entries)

@@ -18,6 +18,7 @@ from omegaconf import open_dict
 from safetensors.torch import load_file, save_file
 
 from lightning_sdxl.export import (
+    COMFYUI_FILE,
     DISCRIMINATOR_FILE,
     INFO_FILE,
     KOHYA_FILE,
@@ -224,6 +225,7 @@ def test_callback_exports_at_train_end_and_cli_reexports_last_checkpoint(make_co
         KOHYA_FILE,
         INFO_FILE,
         SINGLE_FILE,
+        COMFYUI_FILE,
     }
     assert json.loads((export / INFO_FILE).read_text())["global_step"] == 1
     assert any(
