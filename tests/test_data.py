@@ -24,7 +24,7 @@ from lightning_sdxl.data import (
     ToyWorld,
     ToyWorldDataModule,
 )
-from lightning_sdxl.data.toy_world import BACKGROUND_RGB, GRADIENT_RGB, STRIPE_RGB, WORLDS
+from lightning_sdxl.data.toy_world import BACKGROUND_RGB, GRADIENT_RGB, STRIPE_RGB, TEXTURE_WORDS, WORLDS
 
 CAPTION = re.compile(
     r"^a (small|large) (\w+) (\w+) (?:at the|in the) ([\w ]+?)"
@@ -246,6 +246,29 @@ def test_simple_world_is_the_teachers_vocabulary():
     assert {s.shapes[0].position for s in scenes} == set(v.positions) and {s.shapes[0].colour for s in scenes} == set(v.colours)
     with pytest.raises(ValueError, match="unknown toy world"):
         ToyWorld(32, world="nope")
+
+
+def test_open_world_leaves_shape_position_and_texture_phase_free():
+    """The world where blur can happen: deterministic by index; a caption names colour and texture
+    only, and one caption has many sharp outcomes (kinds, quadrants, phases)."""
+    world = ToyWorld(32, world="open")
+    assert torch.equal(world[7]["pixel_values"], ToyWorld(32, world="open")[7]["pixel_values"])
+    scenes = [world.scene(i) for i in range(600)]
+    v = WORLDS["open"]
+    captions = {s.caption for s in scenes}
+    assert len(captions) == len(v.colours) * len(v.backgrounds) == 12
+    for scene in scenes[:50]:
+        assert scene.caption == f"a {scene.shapes[0].colour} shape on a {TEXTURE_WORDS[scene.background]} background"
+    one_caption = [s for s in scenes if s.caption == scenes[0].caption]
+    assert len({s.shapes[0].kind for s in one_caption}) == 3 and len({s.shapes[0].position for s in one_caption}) == 4
+    assert len({s.phase for s in one_caption}) == len(one_caption)  # a continuum of phases
+    # The phase moves the texture: two items of one caption differ in the background.
+    a, b = (world[scenes.index(s)]["pixel_values"] for s in one_caption[:2])
+    assert (a - b).abs().amax() > 1.0
+    # The mean of one caption's images is flat where the texture was: nothing sharp survives averaging.
+    mean = torch.stack([world[scenes.index(s)]["pixel_values"] for s in one_caption]).mean(0)
+    sharp = torch.stack([world[scenes.index(s)]["pixel_values"] for s in one_caption]).std(0).mean()
+    assert mean.std() < 0.5 * sharp
 
 
 def test_toy_world_worker_gives_the_same_batches():
