@@ -144,7 +144,7 @@ def test_x0_full_student_export_reproduces_the_one_step_model(tiny_sdxl_path, tm
         == "sample"
     )
     assert sorted(path.name for path in export.iterdir()) == sorted(
-        [DISCRIMINATOR_FILE, INFO_FILE, SCHEDULER_DIR, SINGLE_FILE, UNET_DIR]
+        [COMFYUI_FILE, DISCRIMINATOR_FILE, INFO_FILE, SCHEDULER_DIR, SINGLE_FILE, UNET_DIR]
     )
     assert "x0" in json.loads((export / INFO_FILE).read_text())["comfyui"]
     assert_pipeline_reproduces_student(module, export, tiny_sdxl_path)

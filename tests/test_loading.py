@@ -78,7 +78,9 @@ def test_incomplete_folder_is_a_clear_error(tiny_sdxl_path, tmp_path):
         check_pipeline_folder(str(tmp_path / "broken"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         check_pipeline_folder(str(tmp_path / "nowhere"))
-    check_pipeline_folder("stabilityai/stable-diffusion-xl-base-1.0")  # a hub id is not checked locally
+    # A hub id is not checked as a folder; offline and not cached it is a clear error at once.
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        check_pipeline_folder("stabilityai/stable-diffusion-xl-base-1.0")
 
 
 def test_ensure_tiny_sdxl_writes_once(tmp_path):
