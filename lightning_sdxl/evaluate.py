@@ -1,4 +1,5 @@
-"""evaluate(cfg): FID-Whole, FID-Patch and CLIP score of a model at several step counts (METHOD.md 6).
+"""evaluate(cfg): FID-Whole, FID-Patch and CLIP score of a model at several step counts (METHOD.md 6),
+with precision and recall (Kynkaanniemi et al. 2019) on the FID-Whole view and network.
 
 The model under test is the teacher, a Lightning checkpoint's student, an exported UNet folder, or a
 LoRA file on the base model. Images are written to disk as they are generated, so a rerun after a
@@ -31,6 +32,7 @@ from lightning_sdxl.diffusion.solver import unet_fn
 from lightning_sdxl.errors import ConfigError, MissingPathError, instantiate_checked
 from lightning_sdxl.io import atomic_path
 from lightning_sdxl.metrics import ReferenceStatsCache, prepare_reference
+from lightning_sdxl.metrics.precision_recall import PrecisionRecall
 from lightning_sdxl.models.loading import check_pipeline_folder, load_sdxl
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
@@ -39,6 +41,7 @@ from lightning_sdxl.models.vae import decode_latents, vae_scale_factor
 log = logging.getLogger(__name__)
 KINDS = ("teacher", "checkpoint", "unet", "lora")
 GRID_PROMPTS = 8
+COLUMNS = ["model", "steps", "fid_whole", "fid_patch", "clip_score", "precision", "recall"]
 
 
 @dataclass
@@ -72,6 +75,9 @@ def validate_eval_config(cfg: DictConfig) -> None:
         raise ConfigError(f"steps={cfg.steps}: give positive step counts, e.g. steps=[1,2,4,8].")
     if cfg.num_images < 2:
         raise ConfigError(f"num_images={cfg.num_images}: FID needs at least 2 images.")
+    neighborhood = cfg.get("precision_recall", {}).get("neighborhood", 3)
+    if neighborhood < 1:
+        raise ConfigError(f"precision_recall.neighborhood={neighborhood}: give k >= 1 (torch-fidelity's default: 3).")
     if cfg.model.path is not None:
         try:
             check_pipeline_folder(str(cfg.model.path))
@@ -155,25 +161,43 @@ def load_images(paths: list[Path], batch_size: int):
 
 
 def write_table(rows: list[dict], output_dir: Path) -> None:
-    """results.json, results.csv and results.md (model, steps, FID-Whole, FID-Patch, CLIP)."""
-    columns = ["model", "steps", "fid_whole", "fid_patch", "clip_score"]
+    """results.json, results.csv and results.md (model, steps, FID-Whole, FID-Patch, CLIP, precision, recall)."""
     with atomic_path(output_dir / "results.json") as temporary:
         temporary.write_text(json.dumps(rows, indent=2))
     with atomic_path(output_dir / "results.csv") as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     with atomic_path(output_dir / "results.md") as temporary:
         temporary.write_text("\n".join(markdown_table(rows)) + "\n")
 
 
+def _cell(value, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def markdown_table(rows: list[dict]) -> list[str]:
-    """The lines of a Markdown table of evaluation rows (model, steps, FID-Whole, FID-Patch, CLIP)."""
-    lines = ["| model | steps | FID-Whole | FID-Patch | CLIP |", "| --- | ---: | ---: | ---: | ---: |"]
+    """The lines of a Markdown table of evaluation rows (model, steps, FID-Whole, FID-Patch, CLIP,
+    precision, recall; "n/a" where a row has no precision/recall)."""
+    lines = [
+        "| model | steps | FID-Whole | FID-Patch | CLIP | precision | recall |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     return lines + [
-        f"| {r['model']} | {r['steps']} | {r['fid_whole']:.2f} | {r['fid_patch']:.2f} | {r['clip_score']:.2f} |"
+        f"| {r['model']} | {r['steps']} | {r['fid_whole']:.2f} | {r['fid_patch']:.2f} | {r['clip_score']:.2f} "
+        f"| {_cell(r.get('precision'), 3)} | {_cell(r.get('recall'), 3)} |"
         for r in rows
     ]
+
+
+@torch.no_grad()
+def reference_features(metric: PrecisionRecall, references: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The references' features for precision/recall (its k-NN needs the features, not FID's sums;
+    on the toy networks this is seconds, so they are not cached)."""
+    metric.reset()
+    for batch in references.split(batch_size):
+        metric.update(batch.to(metric.device), real=True)
+    return list(metric.real_features)
 
 
 def evaluate(cfg: DictConfig) -> list[dict]:
@@ -199,6 +223,14 @@ def evaluate(cfg: DictConfig) -> list[dict]:
         fid.to(device)
         prepare_reference(fid, f"{reference_id(datamodule)}:n={len(prompts)}", lambda: references.split(cfg.batch_size), cache)
     clip_score.to(device)
+    # Precision/recall on FID-Whole's view and network; more than k images are needed on each side.
+    neighborhood = cfg.get("precision_recall", {}).get("neighborhood", 3)
+    precision_recall = PrecisionRecall(fids["fid_whole"], neighborhood=neighborhood).to(device)
+    with_precision_recall = len(prompts) > neighborhood
+    if with_precision_recall:
+        real_features = reference_features(precision_recall, references, cfg.batch_size)
+    else:
+        log.warning("precision/recall with k=%d need more than %d images; not computed", neighborhood, neighborhood)
 
     rows, grid = [], []
     for num_steps in step_counts(cfg.steps):
@@ -206,17 +238,25 @@ def evaluate(cfg: DictConfig) -> list[dict]:
         paths = generate_images(
             model, prompts, seeds, num_steps, cfg.guidance_scale, cfg.data.resolution, folder, cfg.batch_size
         )
-        for metric in (*fids.values(), clip_score):
+        for metric in (*fids.values(), clip_score, precision_recall):
             metric.reset()
+        if with_precision_recall:
+            precision_recall.real_features.extend(real_features)
         batches = zip(load_images(paths, cfg.batch_size), range(0, len(paths), cfg.batch_size))
         for images, start in tqdm(batches, total=-(-len(paths) // cfg.batch_size), desc="features"):
             images = images.to(device)
             for fid in fids.values():
                 fid.update(images, real=False)
             clip_score.update(images, prompts[start : start + len(images)])
+            if with_precision_recall:
+                precision_recall.update(images, real=False)
         row = {"model": model.name, "steps": num_steps}
         row.update({name: float(fid.compute()) for name, fid in fids.items()})
         row["clip_score"] = float(clip_score.compute())
+        row.update(precision=None, recall=None)
+        if with_precision_recall:
+            precision, recall = precision_recall.compute()
+            row.update(precision=float(precision), recall=float(recall))
         log.info("%s", row)
         rows.append(row)
         grid.append(next(load_images(paths[:GRID_PROMPTS], GRID_PROMPTS)))

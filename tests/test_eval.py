@@ -60,10 +60,12 @@ def test_teacher_table_grid_images_and_resume(eval_config, tmp_path):
     assert [(row["model"], row["steps"]) for row in rows] == [("teacher", 1), ("teacher", 2)]
     assert json.loads((out / "results.json").read_text()) == rows
     table = (out / "results.md").read_text().splitlines()
-    assert table[0] == "| model | steps | FID-Whole | FID-Patch | CLIP |" and len(table) == 4
-    assert (out / "results.csv").read_text().startswith("model,steps,fid_whole,fid_patch,clip_score")
+    assert table[0] == "| model | steps | FID-Whole | FID-Patch | CLIP | precision | recall |" and len(table) == 4
+    assert (out / "results.csv").read_text().startswith("model,steps,fid_whole,fid_patch,clip_score,precision,recall")
     assert (out / "grid.png").exists() and len(list((out / "images" / "steps_2").glob("*.png"))) == 4
     assert all(row["fid_whole"] > 0 and row["clip_score"] >= 0 for row in rows)
+    # Precision and recall (k = 3 of 4 images) on the FID-Whole view: shares, in [0, 1].
+    assert all(0.0 <= row[key] <= 1.0 for row in rows for key in ("precision", "recall"))
 
     # A rerun after a crash regenerates only the missing image and gives the same table.
     images = sorted((out / "images" / "steps_1").glob("*.png"))
@@ -72,7 +74,7 @@ def test_teacher_table_grid_images_and_resume(eval_config, tmp_path):
     rerun = evaluate(eval_config("steps=[1,2]"))
     for before, after in zip(rows, rerun):  # float summation order differs with cached references
         assert (after["model"], after["steps"]) == (before["model"], before["steps"])
-        for metric in ("fid_whole", "fid_patch", "clip_score"):
+        for metric in ("fid_whole", "fid_patch", "clip_score", "precision", "recall"):
             assert after[metric] == pytest.approx(before[metric], rel=1e-5)
     assert images[0].exists() and all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
 
