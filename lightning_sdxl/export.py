@@ -190,8 +190,9 @@ def export_info(module) -> dict:
         info["comfyui"] = "Euler sampler, sgm_uniform scheduler, CFG 1"
     if hparams.get("teacher_path"):
         info["teacher"] = portable_model_name(hparams.teacher_path)
-    if getattr(module, "discriminator_signal", None):
-        info["discriminator"] = module.discriminator_signal  # accuracy over the last fifth, no-signal flag
+    signal = getattr(module, "measure_discriminator_signal", lambda gather: None)(gather=False)  # rank 0 only
+    if signal:
+        info["discriminator"] = signal  # this rank's accuracy over the last fifth of training, no-signal flag
     return info
 
 

@@ -325,19 +325,26 @@ class DistillationModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Flag a run whose discriminator stayed at chance over its last fifth (CHANCE_BAND)."""
-        if not self.discriminator_accuracies:
-            return
-        last = self.discriminator_accuracies[-max(1, len(self.discriminator_accuracies) // 5):]
-        accuracy = self.all_gather(torch.stack(last).mean()).float().mean().item()
-        self.discriminator_signal = {"accuracy_last_fifth": round(accuracy, 4),
-                                     "no_signal": abs(accuracy - 0.5) <= CHANCE_BAND}
-        if self.discriminator_signal["no_signal"] and self.trainer.is_global_zero:
+        signal = self.measure_discriminator_signal()
+        if signal and signal["no_signal"] and self.trainer.is_global_zero:
             warnings.warn(
-                f"The discriminator's accuracy over the last fifth of training was {accuracy:.3f}, within "
-                f"{CHANCE_BAND} of chance: this run carried no adversarial signal (the generator followed "
-                "noise). Try discriminator.warmup, discriminator.lr, loss.conditioning_fakes or more steps.",
+                f"The discriminator's accuracy over the last fifth of training was {signal['accuracy_last_fifth']:.3f}, "
+                f"within {CHANCE_BAND} of chance: this run carried no adversarial signal (the generator followed "
+                "noise). Try discriminator.warmup, discriminator.lr, discriminator.conditioning_fakes or more steps.",
                 stacklevel=1,
             )
+
+    def measure_discriminator_signal(self, gather: bool = True) -> dict | None:
+        """D's mean accuracy over the last fifth of the batches trained so far (over all ranks when
+        `gather`; a caller on one rank only, such as the export, passes False), and whether it
+        stayed within CHANCE_BAND of 0.5; None without a discriminator or batches."""
+        if not self.discriminator_accuracies:
+            return None
+        last = torch.stack(self.discriminator_accuracies[-max(1, len(self.discriminator_accuracies) // 5):]).mean()
+        accuracy = (self.all_gather(last) if gather else last).float().mean().item()
+        self.discriminator_signal = {"accuracy_last_fifth": round(accuracy, 4),
+                                     "no_signal": abs(accuracy - 0.5) <= CHANCE_BAND}
+        return self.discriminator_signal
 
     def _optimizer_step(self, index: int, loss: torch.Tensor | None, name: str, batch_idx: int) -> None:
         """Backward for optimizer `index`; every `accumulate_grad_batches` batches clip, step and

@@ -24,7 +24,13 @@ from lightning_sdxl.data import (
     ToyWorld,
     ToyWorldDataModule,
 )
-from lightning_sdxl.data.toy_world import BACKGROUND_RGB, GRADIENT_RGB, STRIPE_RGB, TEXTURE_WORDS, WORLDS
+from lightning_sdxl.data.toy_world import (
+    BACKGROUND_RGB,
+    GRADIENT_RGB,
+    STRIPE_RGB,
+    TEXTURE_WORDS,
+    WORLDS,
+)
 
 CAPTION = re.compile(
     r"^a (small|large) (\w+) (\w+) (?:at the|in the) ([\w ]+?)"

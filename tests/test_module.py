@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import hydra
 import lightning as L
 import pytest
@@ -238,7 +240,7 @@ def test_conditioning_probe_right_pairing_scores_above_wrong_caption_and_wrong_x
     assert (right > wrong_caption).float().mean() >= 0.9 and (right > wrong_start).float().mean() >= 0.9
 
 
-def test_discriminator_warmup_holds_the_generator_and_keeps_the_step_convention(make_config, tiny_sdxl_path):
+def test_discriminator_warmup_holds_the_generator_and_keeps_the_step_convention(make_config, tiny_sdxl_path, tmp_path):
     module, cfg = build_module(make_config, tiny_sdxl_path, "loss=uncond_adv", "discriminator.warmup=2", "student.lr=1e-3")
     before = snapshot(module)
     data = ToyWorldDataModule(resolution=cfg.data.resolution, batch_size=2, num_val_prompts=2)
@@ -251,6 +253,9 @@ def test_discriminator_warmup_holds_the_generator_and_keeps_the_step_convention(
     assert trainer.global_step == 4 and module.batches_trained == 2  # 2 optimizer steps per batch, as always
     assert moved and all(k.startswith("discriminator.") for k in moved), "only D may train in the warm-up"
     assert module.discriminator_signal is not None and 0 <= module.discriminator_signal["accuracy_last_fifth"] <= 1
+    module.export(tmp_path / "export", single_file=False)
+    info = json.loads((tmp_path / "export" / "export_info.json").read_text())
+    assert info["discriminator"] == module.discriminator_signal
 
 
 def test_a_separate_teacher_path_is_the_teacher_and_model_path_the_student(make_config, tiny_sdxl_path, tmp_path):

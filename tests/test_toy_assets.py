@@ -109,3 +109,22 @@ def test_regenerate_commands_run_at_a_few_steps(tmp_path):
 
     LocalFeatures(ToyFeatureNet(), tmp_path / "features.safetensors", input_size=32)
     OpenCLIPScorer(clip.MODEL_NAME, str(tmp_path / "clip.safetensors"), tmp_path / "toy-clip.json")
+
+
+def test_open_world_teacher_loads_in_stock_diffusers_and_its_single_file_loads_every_weight(tmp_path):
+    """The open world's teacher: float32 with from_pretrained's defaults, and text encoders of unequal
+    widths (32, 48), so diffusers' single-file reader fills text_encoder_2 from the file itself."""
+    from lightning_sdxl import ASSETS_DIR
+    from lightning_sdxl.single_file import save_components
+
+    folder = ASSETS_DIR / "toy-sdxl-open"
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype} == {torch.float32}
+    assert (pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size) == (32, 48)
+    single = tmp_path / "open.safetensors"
+    save_components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, single, torch.float32)
+    loaded = StableDiffusionXLPipeline.from_single_file(str(single), config=str(folder), torch_dtype=torch.float32)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        own, read = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert not [k for k, v in read.items() if v.is_meta], name
+        assert all(torch.equal(own[k], read[k]) for k in own), name
