@@ -7,13 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
-import hydra
 import lightning
 import pytest
 import torch
-from conftest import compose_config
-from omegaconf import open_dict
 from PIL import Image
+from test_export import build_perturbed_module
 from torchvision.transforms.functional import pil_to_tensor
 
 from lightning_sdxl import sample as sample_cli
@@ -26,16 +24,7 @@ PROMPTS = ["a large red circle at the top left on a white background", "a small 
 
 def build_module(tiny_sdxl_path: str, root: Path, *overrides: str):
     """A tiny student moved away from its teacher (so a sampler that used the teacher would fail)."""
-    cfg = compose_config(list(overrides), root / "run")
-    with open_dict(cfg):
-        cfg.model.path = tiny_sdxl_path
-    module = hydra.utils.instantiate(cfg.module).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in module.pair.unet.named_parameters():
-            if parameter.requires_grad and ("lora_" not in name or "lora_B" in name):
-                parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
-    return module
+    return build_perturbed_module(tiny_sdxl_path, root / "run", *overrides)
 
 
 def student_images(module, prompts: list[str], seeds: list[int]) -> torch.Tensor:
