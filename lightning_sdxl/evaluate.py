@@ -261,6 +261,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
         rows.append(row)
         grid.append(next(load_images(paths[:GRID_PROMPTS], GRID_PROMPTS)))
     write_table(rows, output_dir)
+    print("\n".join(markdown_table(rows)) + f"\n(also in {output_dir / 'results.md'})")  # the user asked for it
     with atomic_path(output_dir / "grid.png") as temporary:  # rows: step counts; columns: prompts
         save_image(make_grid(torch.cat(grid), nrow=len(grid[0]), padding=2), temporary, format="png")
     return rows

@@ -54,8 +54,10 @@ def eval_config(tmp_path, tiny_clip):  # noqa: F811
     return make
 
 
-def test_teacher_table_grid_images_and_resume(eval_config, tmp_path):
+def test_teacher_table_grid_images_and_resume(eval_config, tmp_path, capsys):
     rows = evaluate(eval_config("steps=[1,2]"))
+    printed = capsys.readouterr().out  # the table reaches the terminal, not only results.md
+    assert "| model | steps | FID-Whole" in printed and "results.md" in printed
     out = tmp_path / "eval"
     assert [(row["model"], row["steps"]) for row in rows] == [("teacher", 1), ("teacher", 2)]
     assert json.loads((out / "results.json").read_text()) == rows
