@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 
 from lightning_sdxl.comfyui import write_workflow
 from lightning_sdxl.io import atomic_dir
-from lightning_sdxl.models.loading import cast
+from lightning_sdxl.models.loading import cast, looks_local
 from lightning_sdxl.single_file import save_components, sgm_unet_names
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,7 @@ def kohya_state_dict(unet: UNet2DConditionModel, dtype: torch.dtype = torch.floa
 def portable_model_name(path: str) -> str:
     """A hub id as it is; a local folder by its name (an absolute path names another machine's
     disk; the packaged toy teacher lives inside site-packages)."""
-    folder = Path(path)
-    looks_local = folder.is_absolute() or path.startswith((".", "~")) or folder.exists()
-    return folder.name if looks_local else path
+    return Path(path).name if looks_local(path) else path
 
 
 def export_info(module) -> dict:

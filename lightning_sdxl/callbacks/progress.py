@@ -22,8 +22,7 @@ def batches_in_run(trainer: L.Trainer) -> int:
 
 
 def batches_done(trainer: L.Trainer) -> int:
-    module = trainer.lightning_module
-    return to_batches(trainer.global_step, module.optimizers_per_batch, module.accumulate_grad_batches)
+    return trainer.lightning_module.batches_trained
 
 
 class BatchProgressBar(RichProgressBar):

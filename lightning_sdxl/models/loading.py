@@ -59,11 +59,15 @@ def check_hub_model_reachable(repo_id: str) -> None:
     )
 
 
+def looks_local(path: str) -> bool:
+    """Whether `path` names a local folder rather than a hub id ("org/name")."""
+    return Path(path).is_absolute() or path.startswith((".", "~")) or Path(path).exists()
+
+
 def check_pipeline_folder(path: str) -> None:
     """Fail fast, before any weights load, if a local SDXL folder is missing or incomplete."""
     folder = Path(path)
-    looks_local = folder.is_absolute() or path.startswith((".", "~")) or folder.exists()
-    if not looks_local:
+    if not looks_local(path):
         check_hub_model_reachable(path)  # a hub id ("org/name"): from the cache or the hub
         return
     if not folder.is_dir():
