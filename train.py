@@ -4,9 +4,11 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from lightning_sdxl.errors import ConfigError
+from lightning_sdxl.finite_guard import NonFiniteTrainingError
 from lightning_sdxl.recipe import run_recipe
 from lightning_sdxl.train import train
 
@@ -21,6 +23,12 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as error:  # includes missing weights folders and data roots
         print(f"Config error: {error}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:  # preempted: PreemptionCheckpoint saved last.ckpt; never look successful
+        print("Stopped by SIGTERM: resume with ckpt_path=last and the same output folder.", file=sys.stderr)
+        sys.exit(143)
+    except NonFiniteTrainingError as error:  # NaN/inf for optim.max_nonfinite_steps steps in a row
+        print(f"Training error: {error}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_sdxl.diffusion.prediction import PREDICTIONS
 from lightning_sdxl.errors import ConfigError, MissingPathError
+from lightning_sdxl.io import check_replaceable
 from lightning_sdxl.losses import ADVERSARIAL_LOSSES
 from lightning_sdxl.models.discriminator import DiscriminatorHead
 from lightning_sdxl.models.loading import check_pipeline_folder
@@ -130,6 +131,9 @@ def validate_config(cfg: DictConfig) -> None:
                 "of an earlier phase's export/ (same stage), or discriminator.init=null."
             )
     _check_data_root(cfg.data)
+    export_dir = OmegaConf.select(cfg, "callbacks.export.dirpath", throw_on_resolution_failure=False)
+    if export_dir is not None:
+        check_replaceable(export_dir)  # refused now, not after training (io.py: never deletes user files)
     if cfg.model.path is not None:
         try:
             check_pipeline_folder(str(cfg.model.path))

@@ -10,6 +10,10 @@ class MissingPathError(ConfigError, FileNotFoundError):
     """A configured path (weights folder, data root, metric weights) that does not exist."""
 
 
+class RefusedOverwrite(ConfigError, FileExistsError):
+    """An output folder that holds files this project did not write: it is never replaced."""
+
+
 def instantiate_checked(config, **kwargs):
     """hydra.utils.instantiate, letting a ConfigError (e.g. missing metric weights) through
     unwrapped, so the entry points print it in one line."""

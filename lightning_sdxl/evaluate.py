@@ -10,6 +10,7 @@ crash regenerates only what is missing; the table goes to `results.md`, `results
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -39,7 +40,38 @@ from lightning_sdxl.models.tiny import ensure_tiny_sdxl
 from lightning_sdxl.models.vae import decode_latents, vae_scale_factor
 
 log = logging.getLogger(__name__)
-KINDS = ("teacher", "checkpoint", "unet", "lora")
+KINDS = ("latest", "teacher", "checkpoint", "unet", "lora")
+RUNS_DIR = Path("outputs")  # where train.py writes runs (conf/train.yaml's hydra.run.dir)
+
+
+def latest_export(runs_dir: Path | None = None) -> Path:
+    """The newest training run's exported UNet under `runs_dir` (by its export_info.json's time):
+    what `python eval.py` scores after `python train.py`. Default: RUNS_DIR."""
+    runs_dir = RUNS_DIR if runs_dir is None else runs_dir
+    exports = [info.parent / "unet" for info in runs_dir.glob("**/export/export_info.json") if (info.parent / "unet").is_dir()]
+    if not exports:
+        raise MissingPathError(
+            f"target.kind=latest: no finished training run under {runs_dir}/ (none has export/unet): run "
+            "`python train.py` first, or name the model: target.kind=unet|checkpoint|lora target.path=... or target.kind=teacher."
+        )
+    return max(exports, key=lambda unet: (unet.parent / "export_info.json").stat().st_mtime)
+
+
+def resolve_latest(cfg: DictConfig) -> None:
+    """target.kind=latest (the default) becomes target.kind=unet on the newest run's export, in place."""
+    if cfg.target.kind != "latest":
+        return
+    unet = latest_export()
+    base = json.loads((unet.parent / "export_info.json").read_text()).get("base_model")
+    if base and cfg.model.path is not None and Path(str(cfg.model.path)).name != base:
+        raise ConfigError(
+            f"target.kind=latest: the newest run ({unet.parent.parent}) distilled {base}, but model.path is "
+            f"{cfg.model.path}; pick its model group (e.g. model=toy_open for toy-sdxl-open) or name the target."
+        )
+    with open_dict(cfg):
+        cfg.target.kind, cfg.target.path = "unet", str(unet)
+        cfg.target.name = cfg.target.name or f"unet:{unet.parent.parent.name}"
+    log.info("target.kind=latest: evaluating %s", unet)
 GRID_PROMPTS = 8
 COLUMNS = ["model", "steps", "fid_whole", "fid_patch", "clip_score", "precision", "recall"]
 
@@ -63,6 +95,7 @@ def step_counts(steps) -> list[int]:
 
 def validate_eval_config(cfg: DictConfig) -> None:
     """Fail in one line, before any model loads."""
+    resolve_latest(cfg)
     kind, path = cfg.target.kind, cfg.target.path
     if kind not in KINDS:
         raise ConfigError(f"target.kind={kind}: choose one of {KINDS}.")
@@ -130,13 +163,42 @@ def load_model_under_test(cfg: DictConfig, device: torch.device) -> ModelUnderTe
     )
 
 
+IMAGES_KEY = "images_key.json"
+
+
+@torch.no_grad()
+def weights_fingerprint(unet: torch.nn.Module) -> str:
+    """A digest of the UNet's weights (sums in float64 per tensor): two different models, or one
+    trained further, never share a cached image folder (seconds for SDXL on a CPU)."""
+    sums = [f"{name}:{p.double().sum().item():.10e}:{p.double().abs().sum().item():.10e}" for name, p in unet.named_parameters()]
+    return hashlib.sha256("\n".join(sums).encode()).hexdigest()[:16]
+
+
+def images_key(model: ModelUnderTest, fingerprint: str, prompts: list[str], seeds: list[int], num_steps: int,
+               guidance_scale: float, resolution: int) -> dict:
+    """Everything that determines the generated images: a cached folder with another key is stale."""
+    inputs = hashlib.sha256(json.dumps([prompts, seeds]).encode()).hexdigest()[:16]
+    return {"weights": fingerprint, "prediction_type": model.prediction_type, "steps": num_steps,
+            "guidance_scale": float(guidance_scale), "resolution": resolution, "prompts_and_seeds": inputs}
+
+
 @torch.no_grad()
 def generate_images(
     model: ModelUnderTest, prompts: list[str], seeds: list[int], num_steps: int, guidance_scale: float,
-    resolution: int, folder: Path, batch_size: int,
+    resolution: int, folder: Path, batch_size: int, fingerprint: str = "",
 ) -> list[Path]:
-    """Generate (or reuse, after a crash) one PNG per prompt at `num_steps`; return the paths."""
+    """Generate (or reuse, after a crash) one PNG per prompt at `num_steps`; return the paths.
+
+    Images are reused only when the folder's `images_key.json` matches (`images_key`: weights,
+    prediction, steps, guidance, resolution, prompts and seeds); otherwise they are regenerated."""
     paths = [folder / f"{index:06d}.png" for index in range(len(prompts))]
+    key = images_key(model, fingerprint, prompts, seeds, num_steps, guidance_scale, resolution)
+    key_file = folder / IMAGES_KEY
+    if not key_file.exists() or json.loads(key_file.read_text()) != key:
+        for path in folder.glob("*.png"):  # another model's or setting's images (or an unkeyed folder)
+            path.unlink()
+        with atomic_path(key_file) as temporary:
+            temporary.write_text(json.dumps(key, indent=2))
     missing = [index for index, path in enumerate(paths) if not path.exists()]
     device = next(model.unet.parameters()).device
     prediction = get_prediction(model.prediction_type)
@@ -232,11 +294,13 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     else:
         log.warning("precision/recall with k=%d need more than %d images; not computed", neighborhood, neighborhood)
 
+    fingerprint = weights_fingerprint(model.unet)
     rows, grid = [], []
     for num_steps in step_counts(cfg.steps):
         folder = output_dir / "images" / f"steps_{num_steps}"
         paths = generate_images(
-            model, prompts, seeds, num_steps, cfg.guidance_scale, cfg.data.resolution, folder, cfg.batch_size
+            model, prompts, seeds, num_steps, cfg.guidance_scale, cfg.data.resolution, folder, cfg.batch_size,
+            fingerprint,
         )
         for metric in (*fids.values(), clip_score, precision_recall):
             metric.reset()

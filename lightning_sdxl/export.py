@@ -45,6 +45,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from lightning_sdxl.comfyui import write_workflow
+from lightning_sdxl.finite_guard import NonFiniteTrainingError, all_finite
 from lightning_sdxl.io import atomic_dir
 from lightning_sdxl.models.loading import cast, looks_local
 from lightning_sdxl.single_file import save_components, sgm_unet_names
@@ -214,6 +215,12 @@ def export_student(
         The export folder.
     """
     out_dir = Path(out_dir)
+    trainable = [p.detach() for p in module.pair.trainable_parameters()]
+    if not all_finite(trainable):  # NaN weights are never shipped (issue 15)
+        raise NonFiniteTrainingError(
+            f"The student's weights hold NaN or inf: nothing was exported to {out_dir}. Resume from an "
+            "earlier checkpoint with a lower learning rate."
+        )
     with atomic_dir(out_dir) as folder:
         unet = merged_unet(module, dtype)
         unet.save_pretrained(folder / UNET_DIR, safe_serialization=True)

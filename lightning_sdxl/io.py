@@ -16,6 +16,11 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import save_file
 
+from lightning_sdxl.errors import RefusedOverwrite
+
+# Every folder `atomic_dir` writes holds this file; only such folders (or empty ones) are replaced.
+OWNED_MARKER = ".lightning_sdxl"
+
 
 def normal_permissions(path: str | os.PathLike) -> None:
     """Give a file the umask's permissions (0644 under umask 022): mkstemp and safetensors' writer
@@ -51,24 +56,44 @@ def save_weights(
     return Path(path)
 
 
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Raise RefusedOverwrite unless `path` is absent, an empty folder or a folder this project
+    wrote (it holds OWNED_MARKER): an export never deletes a user's files."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RefusedOverwrite(f"{path} is a file, not an output folder; choose another output path.")
+    if any(path.iterdir()) and not (path / OWNED_MARKER).is_file():
+        raise RefusedOverwrite(
+            f"{path} holds files lightning_sdxl did not write (no {OWNED_MARKER} marker), so it will not "
+            "replace them; choose a new or empty folder, or move those files away first."
+        )
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; swap it in for `path` only if the block succeeds.
 
+    `path` must be absent, empty or one of this project's own folders (`check_replaceable`, checked
+    before the block runs and again before the swap); the new folder gets the OWNED_MARKER file.
     A previous folder at `path` is renamed aside, the new one renamed in, then the old one removed:
     `path` is at every moment either the complete old export or the complete new one (or, for an
     instant between the two renames, absent with the old one beside it as `.<name>.old-*`).
     """
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # os.mkdir, not tempfile.mkdtemp: the export keeps the umask's permissions, not 0700.
     temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     temporary.mkdir()
     try:
         yield temporary
+        (temporary / OWNED_MARKER).write_text("Written by lightning_sdxl; a rerun may replace this folder.\n")
         for file in temporary.rglob("*"):
             if file.is_file() and not file.is_symlink():
                 normal_permissions(file)
+        check_replaceable(path)
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         if path.exists():
             os.replace(path, old)

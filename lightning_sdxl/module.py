@@ -23,6 +23,7 @@ from lightning_sdxl.diffusion.sampler import sample, seeded_noise
 from lightning_sdxl.diffusion.schedule import CLEAN, NoiseSchedule
 from lightning_sdxl.diffusion.solver import move, solve
 from lightning_sdxl.diffusion.stage_grid import StageGrid
+from lightning_sdxl.finite_guard import NonFiniteGuard, all_finite
 from lightning_sdxl.losses import LOSS_KINDS, Renoiser, discriminator_loss, generator_loss, mse_loss
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.discriminator import Discriminator
@@ -106,6 +107,8 @@ class DistillationModule(L.LightningModule):
             encoders and discriminator still come from model_path. None: model_path is the teacher.
         discriminator_init: a `discriminator.safetensors` an earlier phase of the same stage wrote
             (the discriminator is initialised from the teacher once per stage, METHOD.md 3).
+        max_nonfinite_steps: optimizer steps in a row with a non-finite loss or gradient (skipped)
+            before the run stops with NonFiniteTrainingError (`finite_guard.py`).
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class DistillationModule(L.LightningModule):
         student_init: str | None = None,
         teacher_path: str | None = None,
         discriminator_init: str | None = None,
+        max_nonfinite_steps: int = 3,
     ):
         super().__init__()
         if loss not in LOSS_KINDS:
@@ -193,7 +197,8 @@ class DistillationModule(L.LightningModule):
         if gradient_checkpointing:
             self.pair.unet.enable_gradient_checkpointing()
         self.renoiser = Renoiser(list(renoise_timesteps), list(renoise_weights)) if self.adversarial else None
-        self.discriminator_accuracies: list[torch.Tensor] = []  # per batch, for the signal check
+        self.finite_guard = NonFiniteGuard(max_nonfinite_steps)
+        self.discriminator_accuracies: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (t, accuracy) per sample
         self.discriminator_signal: dict | None = None  # set when training ends (`on_train_end`)
         self.validation_outputs: list[dict[str, torch.Tensor]] = []
         self.teacher_samples: dict[tuple, torch.Tensor] = {}  # validation batch -> teacher latents
@@ -293,19 +298,25 @@ class DistillationModule(L.LightningModule):
             extra_fakes = self._conditioning_fakes(jump.x_t, jump.t, x_real, t_judge, jump.condition)
             loss = discriminator_loss(logits_real, torch.cat([logits_fake, *extra_fakes]))
             self._optimizer_step(1, loss, "discriminator", batch_idx)
-        accuracy_real, accuracy_fake = (logits_real > 0).float().mean(), (logits_fake < 0).float().mean()
-        self.discriminator_accuracies.append(((accuracy_real + accuracy_fake) / 2).detach())
+        correct_real, correct_fake = (logits_real > 0).float().detach(), (logits_fake < 0).float().detach()
+        self.discriminator_accuracies.append((jump.t.detach(), (correct_real + correct_fake) / 2))
         self.log_dict(
             {
                 "discriminator/logits_real": logits_real.mean(),
                 "discriminator/logits_fake": logits_fake.mean(),
-                "discriminator/accuracy_real": accuracy_real,
-                "discriminator/accuracy_fake": accuracy_fake,
+                "discriminator/accuracy_real": correct_real.mean(),
+                "discriminator/accuracy_fake": correct_fake.mean(),
                 **{f"discriminator/accuracy_{name}": (logits < 0).float().mean()
                    for name, logits in zip(("wrong_caption", "wrong_x_t"), extra_fakes)},
             },
             sync_dist=True,
         )
+        # Per start timestep t (rank-local, logged where the batch has one): with multi-timestep
+        # training only some starts leave a gap D can see (docs/MEASUREMENTS.md, "D's signal by start").
+        for start in jump.t.unique().tolist():
+            chosen = jump.t == start
+            accuracy = ((correct_real[chosen] + correct_fake[chosen]) / 2).mean()
+            self.log(f"discriminator/accuracy_from_t{start}", accuracy)
 
     def _conditioning_fakes(self, x_t, t, x_real, t_judge, condition) -> list[torch.Tensor]:
         """Logits of the real x_{t'} judged with another sample's caption [and x_t, conditional D]:
@@ -329,20 +340,33 @@ class DistillationModule(L.LightningModule):
         if signal and signal["no_signal"] and self.trainer.is_global_zero:
             warnings.warn(
                 f"The discriminator's accuracy over the last fifth of training was {signal['accuracy_last_fifth']:.3f}, "
-                f"within {CHANCE_BAND} of chance: this run carried no adversarial signal (the generator followed "
-                "noise). Try discriminator.warmup, discriminator.lr, discriminator.conditioning_fakes or more steps.",
+                f"within {CHANCE_BAND} of chance (by start timestep t: {signal['accuracy_by_start']}): this run "
+                "carried little adversarial signal. Try discriminator.warmup, discriminator.lr, "
+                "discriminator.conditioning_fakes or more steps.",
                 stacklevel=1,
             )
 
     def measure_discriminator_signal(self, gather: bool = True) -> dict | None:
-        """D's mean accuracy over the last fifth of the batches trained so far (over all ranks when
-        `gather`; a caller on one rank only, such as the export, passes False), and whether it
-        stayed within CHANCE_BAND of 0.5; None without a discriminator or batches."""
+        """D's mean accuracy over the last fifth of the batches trained so far, over all samples and
+        per start timestep t (over all ranks when `gather`; a caller on one rank only, such as the
+        export, passes False); `no_signal` when the overall accuracy stayed within CHANCE_BAND of 0.5.
+        None without a discriminator or batches."""
         if not self.discriminator_accuracies:
             return None
-        last = torch.stack(self.discriminator_accuracies[-max(1, len(self.discriminator_accuracies) // 5):]).mean()
-        accuracy = (self.all_gather(last) if gather else last).float().mean().item()
-        self.discriminator_signal = {"accuracy_last_fifth": round(accuracy, 4),
+        last = self.discriminator_accuracies[-max(1, len(self.discriminator_accuracies) // 5):]
+        starts = torch.cat([t for t, _ in last])  # (N,)
+        correct = torch.cat([c for _, c in last])  # (N,) per-sample accuracy in {0, 0.5, 1}
+        keys = (self.grid.start_positions - 1).round().long().to(starts.device)  # every start the grid draws
+        # Sums and counts per start, plus the overall pair, so ranks combine by summing.
+        totals = torch.stack([
+            torch.stack([correct[starts == key].sum(), (starts == key).sum().float()]) for key in keys
+        ] + [torch.stack([correct.sum(), torch.tensor(float(len(correct)), device=correct.device)])])
+        if gather:
+            totals = self.all_gather(totals).reshape(-1, *totals.shape).sum(0)
+        sums, counts = totals[:, 0], totals[:, 1]
+        accuracy = (sums[-1] / counts[-1]).item()
+        by_start = {str(int(key)): round((sums[i] / counts[i]).item(), 4) for i, key in enumerate(keys) if counts[i] > 0}
+        self.discriminator_signal = {"accuracy_last_fifth": round(accuracy, 4), "accuracy_by_start": by_start,
                                      "no_signal": abs(accuracy - 0.5) <= CHANCE_BAND}
         return self.discriminator_signal
 
@@ -351,13 +375,22 @@ class DistillationModule(L.LightningModule):
         advance its LR schedule. Called inside `toggled_optimizer` of that optimizer.
 
         loss=None (the discriminator warm-up) steps without gradients: Adam leaves the weights as
-        they are, and `global_step` still advances, so the step convention holds."""
+        they are, and `global_step` still advances, so the step convention holds. A non-finite loss
+        or gradient (over all ranks) is skipped, counted and logged (`finite_guard.py`): no backward
+        or no update, gradients cleared; the step still counts."""
         optimizer = self._as_list(self.optimizers())[index]
         accumulate = self.hparams.accumulate_grad_batches
-        if loss is not None:
+        finite = lambda tensors: self.trainer.strategy.reduce_boolean_decision(all_finite(tensors), all=True)
+        finite_loss = loss is None or finite([loss.detach()])  # the same answer on every rank
+        if loss is not None and finite_loss:
             self.manual_backward(loss / accumulate)
-        if (batch_idx + 1) % accumulate == 0:
-            if self.hparams.gradient_clip_val:
+        stepping = (batch_idx + 1) % accumulate == 0
+        finite_step = finite_loss and (not stepping or finite([p.grad for g in optimizer.param_groups for p in g["params"]]))
+        self.finite_guard.check(finite_step, name, "loss" if not finite_loss else "gradient", self.batches_trained)
+        if stepping:
+            if not finite_step:
+                optimizer.zero_grad(set_to_none=True)  # no gradients: the weights stay, the step counts
+            elif self.hparams.gradient_clip_val:
                 self.clip_gradients(optimizer, self.hparams.gradient_clip_val, "norm")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -366,6 +399,7 @@ class DistillationModule(L.LightningModule):
                 schedulers[index].step()
         if loss is not None:
             self.log(f"loss/{name}", loss.detach(), prog_bar=True, sync_dist=True)
+        self.log(f"nonfinite_skipped/{name}", float(self.finite_guard.skipped.get(name, 0)))
         self.log(f"lr/{name}", optimizer.param_groups[0]["lr"])
 
     @staticmethod

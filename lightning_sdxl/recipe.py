@@ -247,7 +247,10 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
         if index in skip_levels:
             level = skip_levels[index]
             phase_overrides += [f"teacher_path={models[level]}", f"stage.teacher_steps={level}"]
-        if (phase_dir / DONE).exists():
+        exported = (phase_dir / "export" / INFO_FILE).is_file()  # export_info.json is written last
+        if (phase_dir / DONE).exists() and not exported:  # marked by an older version after a killed export
+            log.warning("Recipe: %s is marked done but has no export; resuming it to write one", phase.name)
+        if (phase_dir / DONE).exists() and exported:
             log.info("Recipe: %s is done, skipped", phase.name)
             if phase.ends_stage and rank_zero_only.rank == 0:  # finished by an older version
                 finish_stage(base, phase_dir, lora_rank if phase.result_steps else None)
@@ -265,6 +268,8 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
             trainer = train(phase_cfg, extra_callbacks=list(extra_callbacks))
             trainer.strategy.barrier("recipe_phase_trained")  # rank 0 has written the export
             if trainer.is_global_zero:
+                if not (phase_dir / "export" / INFO_FILE).is_file():
+                    raise RuntimeError(f"Recipe: {phase.name} trained but {phase_dir / 'export'} is incomplete; rerun to repair it.")
                 if phase.ends_stage:
                     finish_stage(base, phase_dir, lora_rank if phase.result_steps else None)
                 (phase_dir / DONE).write_text(json.dumps({"phase": phase.name, "overrides": phase_overrides}))

@@ -14,6 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from test_metrics import TINY_CLIP, save_tiny_net, tiny_clip  # noqa: F401 (fixture)
 
+import lightning_sdxl.evaluate as evaluate_module
+from lightning_sdxl.errors import MissingPathError
 from lightning_sdxl.evaluate import evaluate
 from lightning_sdxl.train import train
 
@@ -55,7 +57,7 @@ def eval_config(tmp_path, tiny_clip):  # noqa: F811
 
 
 def test_teacher_table_grid_images_and_resume(eval_config, tmp_path, capsys):
-    rows = evaluate(eval_config("steps=[1,2]"))
+    rows = evaluate(eval_config("target.kind=teacher", "steps=[1,2]"))
     printed = capsys.readouterr().out  # the table reaches the terminal, not only results.md
     assert "| model | steps | FID-Whole" in printed and "results.md" in printed
     out = tmp_path / "eval"
@@ -73,7 +75,7 @@ def test_teacher_table_grid_images_and_resume(eval_config, tmp_path, capsys):
     images = sorted((out / "images" / "steps_1").glob("*.png"))
     images[0].unlink()
     stamps = {path: path.stat().st_mtime_ns for path in images[1:]}
-    rerun = evaluate(eval_config("steps=[1,2]"))
+    rerun = evaluate(eval_config("target.kind=teacher", "steps=[1,2]"))
     for before, after in zip(rows, rerun):  # float summation order differs with cached references
         assert (after["model"], after["steps"]) == (before["model"], before["steps"])
         for metric in ("fid_whole", "fid_patch", "clip_score", "precision", "recall"):
@@ -81,7 +83,7 @@ def test_teacher_table_grid_images_and_resume(eval_config, tmp_path, capsys):
     assert images[0].exists() and all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items())
 
 
-def test_checkpoint_export_and_lora_give_the_same_scores(eval_config, make_config, tmp_path):
+def test_checkpoint_export_and_lora_give_the_same_scores(eval_config, make_config, tmp_path, monkeypatch):
     cfg = make_config("student.lr=1e-2", "steps=2")
     train(cfg)
     run = Path(cfg.output_dir)
@@ -92,14 +94,19 @@ def test_checkpoint_export_and_lora_give_the_same_scores(eval_config, make_confi
         ("lora", run / "export" / "lora.safetensors"),
     ):
         (rows,) = evaluate(eval_config(f"target.kind={kind}", f"target.path={path}", "steps=[4]"))
-        scores[kind] = rows
-        for image in (tmp_path / "eval" / "images").rglob("*.png"):
-            image.unlink()  # next kind: fresh images in the same output folder
-    teacher = evaluate(eval_config("steps=[4]"))[0]
+        scores[kind] = rows  # one output folder: images are reused only for the same weights (images_key.json)
+    teacher = evaluate(eval_config("target.kind=teacher", "steps=[4]"))[0]
+    # The default target (kind=latest) is the newest run's export: this one.
+    monkeypatch.setattr(evaluate_module, "RUNS_DIR", tmp_path)
+    (latest,) = evaluate(eval_config("steps=[4]"))
+    assert latest["model"] == "unet:run" and latest["fid_whole"] == pytest.approx(scores["unet"]["fid_whole"], rel=1e-6)
+    with pytest.raises(MissingPathError, match="no finished training run under .*run `python train.py` first"):
+        evaluate_module.latest_export(tmp_path / "eval")
     for kind in ("unet", "lora"):
         for metric in ("fid_whole", "fid_patch", "clip_score"):
             assert scores[kind][metric] == pytest.approx(scores["checkpoint"][metric], rel=1e-3, abs=1e-3), kind
-    assert scores["checkpoint"]["fid_whole"] != pytest.approx(teacher["fid_whole"], rel=1e-6), "trained = teacher?"
+    # The teacher's scores come from its own images, not the student's cached in the same folder.
+    assert scores["checkpoint"]["fid_whole"] != pytest.approx(teacher["fid_whole"], rel=1e-6), "stale images reused?"
 
 
 def run_eval_cli(args: list[str], flags: list[str] = ()) -> subprocess.CompletedProcess:
@@ -122,7 +129,7 @@ def test_multirun_over_steps(tmp_path, tiny_clip):  # noqa: F811
     features = save_tiny_net(tmp_path / "features.safetensors", seed=0)
     args = ["model=tiny", "metrics=sdxl", "data.resolution=64", "num_images=4", "batch_size=2", f"metrics.cache_dir={tmp_path / 'stats'}"]
     result = run_eval_cli(
-        [*args, *metric_overrides(features, tiny_clip), "steps=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        [*args, *metric_overrides(features, tiny_clip), "target.kind=teacher", "steps=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         flags=["-m"],
     )
     assert result.returncode == 0, result.stderr[-3000:]

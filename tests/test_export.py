@@ -17,6 +17,7 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DC
 from omegaconf import open_dict
 from safetensors.torch import load_file, save_file
 
+from lightning_sdxl.errors import RefusedOverwrite
 from lightning_sdxl.export import (
     COMFYUI_FILE,
     DISCRIMINATOR_FILE,
@@ -28,7 +29,7 @@ from lightning_sdxl.export import (
     UNET_DIR,
     export_student,
 )
-from lightning_sdxl.io import atomic_dir
+from lightning_sdxl.io import OWNED_MARKER, atomic_dir
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a large red circle at the top left on a white background", "a small blue square"]
@@ -144,7 +145,7 @@ def test_x0_full_student_export_reproduces_the_one_step_model(tiny_sdxl_path, tm
         == "sample"
     )
     assert sorted(path.name for path in export.iterdir()) == sorted(
-        [COMFYUI_FILE, DISCRIMINATOR_FILE, INFO_FILE, SCHEDULER_DIR, SINGLE_FILE, UNET_DIR]
+        [COMFYUI_FILE, DISCRIMINATOR_FILE, INFO_FILE, OWNED_MARKER, SCHEDULER_DIR, SINGLE_FILE, UNET_DIR]
     )
     assert "x0" in json.loads((export / INFO_FILE).read_text())["comfyui"]
     assert_pipeline_reproduces_student(module, export, tiny_sdxl_path)
@@ -226,6 +227,7 @@ def test_callback_exports_at_train_end_and_cli_reexports_last_checkpoint(make_co
         INFO_FILE,
         SINGLE_FILE,
         COMFYUI_FILE,
+        OWNED_MARKER,
     }
     assert json.loads((export / INFO_FILE).read_text())["global_step"] == 1
     assert any(
@@ -263,6 +265,23 @@ def test_callback_exports_at_train_end_and_cli_reexports_last_checkpoint(make_co
         assert all(torch.equal(written[key], reexported[key]) for key in written), name
 
 
+def test_atomic_dir_never_replaces_a_folder_it_did_not_write(tmp_path):
+    """Issue 15: an export into a folder of the user's files deleted them with exit 0."""
+    users = tmp_path / "thesis"
+    users.mkdir()
+    (users / "thesis.txt").write_text("years of work")
+    with pytest.raises(RefusedOverwrite, match="did not write"), atomic_dir(users) as folder:
+        raise AssertionError("the block must not run")  # refused before any work
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RefusedOverwrite, match="is a file"), atomic_dir(tmp_path / "file"):
+        pass
+    (tmp_path / "empty").mkdir()
+    with atomic_dir(tmp_path / "empty") as folder:  # an empty folder is fine
+        (folder / "a").write_text("1")
+    assert (users / "thesis.txt").read_text() == "years of work"
+    assert (tmp_path / "file").read_text() == "x"
+
+
 def test_atomic_dir_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):
     target = tmp_path / "export"
     with atomic_dir(target) as folder:
@@ -270,11 +289,11 @@ def test_atomic_dir_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_pat
     with pytest.raises(RuntimeError), atomic_dir(target) as folder:
         (folder / "new").write_text("2")
         raise RuntimeError("interrupted")
-    assert [path.name for path in target.iterdir()] == ["old"]
+    assert sorted(path.name for path in target.iterdir()) == [OWNED_MARKER, "old"]
     with atomic_dir(target) as folder:
         (folder / "new").write_text("2")
         save_file({"w": torch.zeros(1)}, folder / "weights.safetensors")  # safetensors writes 0600
-    assert sorted(path.name for path in target.iterdir()) == ["new", "weights.safetensors"]
+    assert sorted(path.name for path in target.iterdir()) == [OWNED_MARKER, "new", "weights.safetensors"]
     assert [path.name for path in tmp_path.iterdir()] == ["export"], "temporary folders left"
     umask = os.umask(0)
     os.umask(umask)

@@ -258,6 +258,13 @@ def test_discriminator_warmup_holds_the_generator_and_keeps_the_step_convention(
     module.export(tmp_path / "export", single_file=False)
     info = json.loads((tmp_path / "export" / "export_info.json").read_text())
     assert info["discriminator"] == module.discriminator_signal
+    # Per start timestep: a D that sees every t=999 pair and none of the t=249 ones (each called
+    # the same, 0.5) is 0.75 overall, 1.0 and 0.5 by start, not "no signal".
+    starts, correct = torch.tensor([999, 999, 249, 249]), torch.tensor([1.0, 1.0, 0.5, 0.5])
+    module.discriminator_accuracies[:] = [(starts, correct)] * 10
+    signal = module.measure_discriminator_signal(gather=False)
+    assert signal["accuracy_last_fifth"] == 0.75 and not signal["no_signal"]
+    assert signal["accuracy_by_start"]["999"] == 1.0 and signal["accuracy_by_start"]["249"] == 0.5
 
 
 def test_a_separate_teacher_path_is_the_teacher_and_model_path_the_student(make_config, tiny_sdxl_path, tmp_path):

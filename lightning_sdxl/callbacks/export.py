@@ -3,6 +3,7 @@ LoRA in diffusers and kohya format, METHOD.md 5; a trained teacher: its SDXL pip
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +25,23 @@ class ExportCallback(L.Callback):
         self.dirpath = Path(dirpath)
         self.dtype = getattr(torch, dtype)
         self.single_file = single_file
+        self.exported_at: int | None = None  # the global step of this process's last export
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             pl_module.export(self.dirpath, self.dtype, single_file=self.single_file)
+            self.exported_at = trainer.global_step
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Resuming a run that had finished training (killed during its export) skips on_train_end:
+        Lightning's fit loop returns at once. Export here when the finished run has no export of its
+        last step (export_info.json, written last, says which step)."""
+        if not trainer.is_global_zero or trainer.max_steps < 0 or trainer.global_step < trainer.max_steps:
+            return
+        info = self.dirpath / "export_info.json"
+        if self.exported_at == trainer.global_step or (
+            info.is_file() and json.loads(info.read_text()).get("global_step") == trainer.global_step
+        ):
+            return
+        pl_module.export(self.dirpath, self.dtype, single_file=self.single_file)
+        self.exported_at = trainer.global_step
