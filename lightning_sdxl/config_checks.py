@@ -16,6 +16,7 @@ from lightning_sdxl.models.discriminator import DiscriminatorHead
 from lightning_sdxl.models.loading import check_pipeline_folder
 from lightning_sdxl.models.tiny import TINY_BLOCK_OUT_CHANNELS
 from lightning_sdxl.models.vae import vae_scale_factor
+from lightning_sdxl.resume_checks import check_resume
 
 VALID_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -27,13 +28,30 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Keys that must hold numbers (a typo such as student.lr=abc fails here, not in a comparison).
+NUMBER_KEYS = ("steps", "student.lr", "discriminator.lr", "data.batch_size", "stage.teacher_steps",
+               "stage.student_steps", "validation.every_n_steps", "checkpoint.every_n_steps",
+               "optim.accumulate_grad_batches", "optim.gradient_clip_val", "optim.max_nonfinite_steps")
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    for key in NUMBER_KEYS:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        _require(
+            value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+            f"{key}={value!r} is not a number; give e.g. {key}=1e-4." if key.endswith("lr") else f"{key}={value!r} is not a number.",
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check the composed training config; raise ConfigError naming the key and the fix."""
+    _check_numbers(cfg)
     stage, student, loss = cfg.stage, cfg.student, cfg.loss
     if "student_steps" in stage:  # a distillation stage (stage=teacher has no student)
         _require(
-            stage.student_steps >= 1 and stage.teacher_steps % stage.student_steps == 0,
-            f"stage.teacher_steps={stage.teacher_steps} is not a multiple of stage.student_steps="
+            stage.student_steps >= 1 and stage.teacher_steps >= stage.student_steps
+            and stage.teacher_steps % stage.student_steps == 0,
+            f"stage.teacher_steps={stage.teacher_steps} is not a positive multiple of stage.student_steps="
             f"{stage.student_steps}; pick steps whose ratio is a whole number (e.g. stage=8to4).",
         )
     _require(
@@ -47,6 +65,8 @@ def validate_config(cfg: DictConfig) -> None:
         f"prediction.type={cfg.prediction.type}: choose one of {sorted(PREDICTIONS)} or prediction=teacher.",
     )
     _require(cfg.steps >= 1, f"steps={cfg.steps}: train for at least 1 batch.")
+    _require(cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size}: give at least 1 image per batch.")
+    _require(cfg.student.lr > 0, f"student.lr={cfg.student.lr} must be > 0.")
     _require(
         cfg.trainer.get("max_steps", -1) in (-1, None),
         f"trainer.max_steps={cfg.trainer.max_steps}: set steps=N (batches) instead; max_steps is derived.",
@@ -142,6 +162,7 @@ def validate_config(cfg: DictConfig) -> None:
             raise MissingPathError(str(error) + (hint if cfg.model.name == "toy" else "")) from error
     if loss.name in ADVERSARIAL_LOSSES:
         _check_discriminator_fits(cfg)
+    check_resume(cfg)
     _check_loggers(cfg)
 
 

@@ -12,11 +12,13 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, open_dict
 
 from lightning_sdxl.callbacks.progress import BatchProgressBar, ProgressLog
+from lightning_sdxl.callbacks.rng_state import RngStateCheckpoint
 from lightning_sdxl.config_checks import validate_config
 from lightning_sdxl.errors import instantiate_checked
 from lightning_sdxl.io import AtomicCheckpointIO
 from lightning_sdxl.losses import ADVERSARIAL_LOSSES
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
+from lightning_sdxl.run_lock import check_not_locked, run_lock
 from lightning_sdxl.steps import to_optimizer_steps
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,10 @@ def _multi_device(trainer_cfg: DictConfig) -> bool:
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     """The Trainer of `cfg.trainer` with the derived step counts and checkpoint writer."""
-    kwargs = {"max_steps": optimizer_steps(cfg, cfg.steps)}
+    # The datamodules' ResumableSampler shards over ranks itself and resumes mid-epoch; Lightning's
+    # DistributedSampler would restart the epoch (data/resumable.py).
+    kwargs = {"max_steps": optimizer_steps(cfg, cfg.steps), "use_distributed_sampler": False}
+    callbacks = [*callbacks, RngStateCheckpoint()]  # exact resume needs the RNG states
     if cfg.trainer.get("enable_progress_bar", True) and sys.stdout.isatty():
         callbacks = [*callbacks, BatchProgressBar()]
     else:  # a log file or a SLURM job: a bar prints nothing until the end; plain lines instead
@@ -95,6 +100,7 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
         extra_callbacks: callbacks added to the configured ones (notebooks, tests).
     """
     validate_config(cfg)
+    check_not_locked(cfg.output_dir)  # before the models load; the lock itself is taken around fit
     L.seed_everything(cfg.seed, workers=True)
     if cfg.model.name == "tiny":
         with open_dict(cfg):
@@ -106,5 +112,6 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     log.info("Instantiating module: stage %s, loss %s, %s student", cfg.stage.name, cfg.loss.name, cfg.student.type)
     module = hydra.utils.instantiate(cfg.module)
     trainer = build_trainer(cfg, callbacks, instantiate_loggers(cfg))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    with run_lock(cfg.output_dir):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     return trainer

@@ -368,7 +368,7 @@ def test_hub_models_compose_and_validate_without_network(name, make_config, monk
     assert not Path(cfg.model.path).exists(), "the default is a hub id, not a local folder"
     # Offline and not in the cache: one line at once (the hub client would retry for minutes).
     cfg = make_config(f"model={name}", "~experiment", "trainer.precision=bf16-mixed")
-    with pytest.raises(ConfigError, match="not in the local Hugging Face cache, and the hub is not reachable"):
+    with pytest.raises(ConfigError, match="not in the local Hugging Face cache while the hub is not reachable"):
         validate_config(cfg)
     # Where the hub answers, the hub id passes validation: downloads happen in load_sdxl.
     monkeypatch.setattr(loading, "hub_reachable", lambda timeout=5.0: True)
@@ -425,6 +425,15 @@ BAD_CONFIGS = [
     (["teacher_path=/nonexistent/teacher"], FileNotFoundError, "teacher_path"),
     (["discriminator.init=/nonexistent/d.safetensors"], FileNotFoundError, "discriminator.init"),
     (["loss=mse", "discriminator.init={tiny}/model_index.json"], ConfigError, "discriminator.init"),
+    # Issue 15's probes: tracebacks after the models loaded, or silently accepted.
+    (["stage.teacher_steps=0"], ConfigError, "stage.teacher_steps=0"),
+    (["student.lr=abc"], ConfigError, "student.lr='abc' is not a number"),
+    (["discriminator.lr=abc"], ConfigError, "discriminator.lr='abc' is not a number"),
+    (["data.batch_size=0"], ConfigError, "data.batch_size=0"),
+    (["ckpt_path=/nonexistent.ckpt"], FileNotFoundError, "ckpt_path=/nonexistent.ckpt"),
+    (["ckpt_path=last"], FileNotFoundError, "ckpt_path=last"),
+    (["ckpt_path={tiny}/model_index.json"], ConfigError, "not a readable Lightning checkpoint"),
+    (["callbacks.export.dirpath={tiny}"], FileExistsError, "did not write"),  # a folder of the user's files
 ]
 
 
@@ -459,6 +468,18 @@ def test_bad_config_fails_before_any_model_loads(
     message = str(raised.value)
     assert key in message, message
     assert "\n" not in message.strip(), f"the message must be one line: {message!r}"
+
+
+def test_resuming_another_loss_or_stage_fails_before_any_model_loads(make_config, tmp_path):
+    """The checkpoint's own hyperparameters are compared with the config (issue 15: loss=mse on a
+    cond_adv checkpoint trained 2 of 14 batches and labelled the export mse)."""
+    checkpoint = tmp_path / "adv.ckpt"
+    hparams = {"loss": "cond_adv", "teacher_steps": 8, "student_steps": 4, "student_type": "lora", "lora_rank": 4}
+    torch.save({"hyper_parameters": hparams, "state_dict": {}}, checkpoint)
+    with pytest.raises(ConfigError, match="trained with loss=cond_adv .this config: loss.name=mse"):
+        validate_config(make_config("loss=mse", f"ckpt_path={checkpoint}"))
+    with pytest.raises(ConfigError, match="teacher_steps=8 .this config: stage.teacher_steps=2"):
+        validate_config(make_config("stage=2to1", "loss=cond_adv", f"ckpt_path={checkpoint}"))
 
 
 # ---- 3. an unknown choice lists the available ones ---------------------------------------------

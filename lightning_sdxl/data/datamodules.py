@@ -10,7 +10,20 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_sdxl.data.coco import CocoCaptionsDataset
 from lightning_sdxl.data.folder import FolderDataset
 from lightning_sdxl.data.prompts import PromptDataset
+from lightning_sdxl.data.resumable import ResumableSampler
 from lightning_sdxl.data.toy_world import ToyWorld
+
+
+def resumable_sampler(datamodule: L.LightningDataModule, size: int, shuffle: bool, seed: int) -> ResumableSampler:
+    """This rank's sampler, resuming after the batches the (restored) module has trained."""
+    trainer = datamodule.trainer
+    module = trainer.lightning_module if trainer is not None else None
+    return ResumableSampler(
+        size, datamodule.hparams.batch_size, shuffle, seed, start_batch=getattr(module, "batches_trained", 0),
+        rank=trainer.global_rank if trainer is not None else 0,
+        world_size=trainer.world_size if trainer is not None else 1,
+    )
+
 
 # Validation scenes are the toy world's items VAL_INDEX_START - 1, - 2, ...: far past any epoch.
 VAL_INDEX_START = 2**40
@@ -52,11 +65,11 @@ class ToyWorldDataModule(L.LightningDataModule):
         self.val_seeds = list(range(num_val_prompts))
 
     def train_dataloader(self) -> DataLoader:
-        # Not shuffled: items are already random by index (Lightning shards them under DDP).
+        # Not shuffled: items are already random by index; the sampler shards them over ranks.
         return DataLoader(
             self.world,
             batch_size=self.hparams.batch_size,
-            shuffle=False,
+            sampler=resumable_sampler(self, len(self.world), shuffle=False, seed=self.hparams.seed),
             drop_last=True,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
@@ -113,11 +126,10 @@ class FolderDataModule(L.LightningDataModule):
         return DataLoader(
             self.dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=True,
+            sampler=resumable_sampler(self, len(self.dataset), shuffle=True, seed=self.hparams.seed),
             drop_last=True,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
     def val_dataloader(self) -> DataLoader:

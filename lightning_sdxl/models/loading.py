@@ -53,9 +53,9 @@ def check_hub_model_reachable(repo_id: str) -> None:
     if isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str) or hub_reachable():
         return
     raise FileNotFoundError(
-        f"model.path={repo_id} is a hub id that is not in the local Hugging Face cache, and the hub is "
-        f"not reachable (offline): download it where there is network (hf download {repo_id}) "
-        "or set model.path to a local diffusers SDXL folder."
+        f"model.path={repo_id} is not a local folder ({Path(repo_id).resolve()} does not exist), and as a hub id "
+        f"it is not in the local Hugging Face cache while the hub is not reachable (offline): fix the path, "
+        f"or download it where there is network (hf download {repo_id})."
     )
 
 

@@ -1,0 +1,65 @@
+"""Check `ckpt_path` before any model loads: it exists, and it was written by the same stage, loss
+and student as the config that resumes it (issue 15: `loss=mse` on a cond_adv checkpoint trained
+2 of 14 batches and labelled the export mse; `ckpt_path=last` without a checkpoint silently trained
+from scratch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_sdxl.errors import ConfigError, MissingPathError
+
+# Checkpoint hyperparameter -> the config key that sets it (DistillationModule's arguments).
+MUST_MATCH = {
+    "loss": "loss.name",
+    "teacher_steps": "stage.teacher_steps",
+    "student_steps": "stage.student_steps",
+    "student_type": "student.type",
+    "lora_rank": "student.lora_rank",
+}
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint `ckpt_path` names (None: a fresh run); `last` is the newest in the run's
+    checkpoint folder, as Lightning resolves it."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "last":
+        folder = Path(OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None) or Path(cfg.output_dir) / "checkpoints")
+        found = sorted(folder.glob("*.ckpt"), key=lambda path: path.stat().st_mtime) if folder.is_dir() else []
+        if not found:
+            raise MissingPathError(
+                f"ckpt_path=last: {folder} holds no checkpoint; give this run's output folder "
+                "(hydra.run.dir=<run>) or drop ckpt_path to start afresh."
+            )
+        return found[-1]
+    path = Path(str(ckpt_path))
+    if not path.is_file():
+        raise MissingPathError(f"ckpt_path={ckpt_path} does not exist: give a .ckpt of this run, or ckpt_path=last.")
+    return path
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """Raise ConfigError when the checkpoint was trained with another stage, loss or student."""
+    path = resume_checkpoint(cfg)
+    if path is None:
+        return
+    try:  # mmap: only the small hyperparameter dict is read, not the weights
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    except Exception as error:  # a truncated or foreign file
+        raise ConfigError(f"ckpt_path={path} is not a readable Lightning checkpoint ({type(error).__name__}).") from error
+    clashes = [
+        f"{key}={saved[key]} (this config: {config_key}={OmegaConf.select(cfg, config_key)})"
+        for key, config_key in MUST_MATCH.items()
+        if key in saved and OmegaConf.select(cfg, config_key, default=None) is not None
+        and saved[key] != OmegaConf.select(cfg, config_key)
+    ]
+    if clashes:
+        raise ConfigError(
+            f"ckpt_path={path} was trained with {', '.join(clashes)}: resume with the run's own stage, loss "
+            "and student, or start a new run without ckpt_path."
+        )
