@@ -8,10 +8,47 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from lightning_sdxl.data.folder import MAX_LISTED, captioned_image
+from lightning_sdxl.data.folder import MAX_LISTED, SkipsBadSamples, captioned_image
+from lightning_sdxl.errors import ConfigError
 
 
-class CocoCaptionsDataset(Dataset):
+def _malformed(path: Path, what: str) -> ConfigError:
+    return ConfigError(f"data.captions_file={path} {what}; a COCO captions JSON has \"images\": [{{id, file_name}}] "
+                       "and \"annotations\": [{image_id, caption}].")
+
+
+def read_coco_captions(path: Path, max_captions: int | None = None) -> list[tuple[str, str]]:
+    """(file_name, caption) per annotation, in file order; ConfigError naming the entry for a file
+    that is not valid JSON, lacks a key, names an unknown image, has no caption, or a file_name
+    outside the image folder (absolute or with ..)."""
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _malformed(path, f"is not valid UTF-8 JSON ({error})") from None
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) or not isinstance(coco.get("annotations"), list):
+        raise _malformed(path, "lacks an \"images\" or \"annotations\" list")
+    files = {}
+    for index, image in enumerate(coco["images"]):
+        if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
+            raise _malformed(path, f"has an image entry without id or file_name (images[{index}])")
+        name = image["file_name"]
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise _malformed(path, f"names {name!r} (images[{index}]), outside data.image_root: give paths relative to it")
+        files[image["id"]] = name
+    pairs = []
+    for index, annotation in enumerate(coco["annotations"][:max_captions]):
+        if not isinstance(annotation, dict) or annotation.get("image_id") not in files:
+            raise _malformed(path, f"has annotations[{index}] whose image_id is not among its images")
+        caption = annotation.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise _malformed(path, f"has annotations[{index}] without a caption")
+        pairs.append((files[annotation["image_id"]], caption.strip()))
+    if not pairs:
+        raise _malformed(path, "has no annotations")
+    return pairs
+
+
+class CocoCaptionsDataset(SkipsBadSamples, Dataset):
     """One item per caption, in file order, with the image it describes.
 
     Args:
@@ -34,10 +71,10 @@ class CocoCaptionsDataset(Dataset):
             )
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"data.image_root={image_root} is not a folder: point it at the COCO images.")
-        coco = json.loads(self.captions_file.read_text())
-        files = {image["id"]: image["file_name"] for image in coco["images"]}
-        annotations = coco["annotations"][:max_captions]
-        self.items = [(self.image_root / files[a["image_id"]], a["caption"].strip()) for a in annotations]
+        self.items = [
+            (self.image_root / file_name, caption)
+            for file_name, caption in read_coco_captions(self.captions_file, max_captions)
+        ]
         missing = [str(path) for path, _ in self.items if not path.is_file()]
         if missing:
             raise FileNotFoundError(
@@ -51,6 +88,6 @@ class CocoCaptionsDataset(Dataset):
     def caption(self, i: int) -> str:
         return self.items[i][1]
 
-    def __getitem__(self, i: int) -> dict:
+    def load_item(self, i: int) -> dict:
         path, caption = self.items[i]
         return captioned_image(path, caption, self.resolution)

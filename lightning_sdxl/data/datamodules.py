@@ -8,10 +8,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sdxl.data.coco import CocoCaptionsDataset
-from lightning_sdxl.data.folder import FolderDataset
+from lightning_sdxl.data.folder import BadSample, FolderDataset
 from lightning_sdxl.data.prompts import PromptDataset
 from lightning_sdxl.data.resumable import ResumableSampler
 from lightning_sdxl.data.toy_world import ToyWorld
+from lightning_sdxl.errors import ConfigError
 
 
 def resumable_sampler(datamodule: L.LightningDataModule, size: int, shuffle: bool, seed: int) -> ResumableSampler:
@@ -118,8 +119,16 @@ class FolderDataModule(L.LightningDataModule):
         if num_val_prompts < 1:
             raise ValueError(f"need num_val_prompts >= 1, got {num_val_prompts}")
         self.dataset = dataset if dataset is not None else FolderDataset(root, resolution)
+        if len(self.dataset) < batch_size:
+            raise ConfigError(
+                f"the data holds {len(self.dataset)} images, fewer than one batch (data.batch_size={batch_size}): "
+                "add images or lower data.batch_size."
+            )
         num_val = min(num_val_prompts, len(self.dataset))
-        self.val_prompts = [self.dataset.caption(i) for i in range(num_val)]
+        try:
+            self.val_prompts = [self.dataset.caption(i) for i in range(num_val)]
+        except BadSample as error:
+            raise ConfigError(f"a validation prompt cannot be read: {error}") from None
         self.val_seeds = list(range(num_val))
 
     def train_dataloader(self) -> DataLoader:

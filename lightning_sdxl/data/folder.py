@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,46 @@ from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
 MAX_LISTED = 5
+# A side longer than MAX_ASPECT x the short one is centre-cropped before resizing: a 4000 x 4 image
+# would otherwise be resized to 1024 x 1,024,000 (3.9 GiB) only to keep its centre.
+MAX_ASPECT = 4
+# Unreadable items in a row before the run stops (one bad file among millions is skipped).
+MAX_BAD_IN_A_ROW = 100
+
+log = logging.getLogger(__name__)
+
+
+class BadSample(ValueError):
+    """An item that cannot be read (truncated or corrupt image, non-UTF-8 caption): skipped."""
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text, stripped; BadSample naming the file when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise BadSample(f"{path}: the caption is not UTF-8 ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
+    except OSError as error:
+        raise BadSample(f"{path}: the caption cannot be read ({error})") from None
+
+
+class SkipsBadSamples:
+    """Mixin for map-style datasets: `__getitem__` skips unreadable items (`load_item` raises
+    BadSample) to the next index, logs each with its file and counts them (`skipped`, per process)."""
+
+    skipped = 0
+
+    def load_item(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        for attempt in range(MAX_BAD_IN_A_ROW):
+            try:
+                return self.load_item((i + attempt) % len(self))
+            except BadSample as error:
+                type(self).skipped += 1
+                log.warning("Skipped a bad sample (%d so far in this process): %s", type(self).skipped, error)
+        raise RuntimeError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {i}: check the data.")
 
 
 def resize_and_center_crop(image: Image.Image, resolution: int) -> tuple[Image.Image, int, int]:
@@ -23,6 +64,11 @@ def resize_and_center_crop(image: Image.Image, resolution: int) -> tuple[Image.I
         The `resolution` x `resolution` crop and its (top, left) in the resized image.
     """
     w, h = image.size
+    if max(w, h) > MAX_ASPECT * min(w, h):  # keep the centre that the crop below would keep
+        keep_w, keep_h = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)
+        left, top = (w - keep_w) // 2, (h - keep_h) // 2
+        image = image.crop((left, top, left + keep_w, top + keep_h))
+        w, h = image.size
     if h <= w:
         new_h, new_w = resolution, int(resolution * w / h)
     else:
@@ -34,7 +80,7 @@ def resize_and_center_crop(image: Image.Image, resolution: int) -> tuple[Image.I
     return resized.crop((left, top, left + resolution, top + resolution)), top, left
 
 
-class FolderDataset(Dataset):
+class FolderDataset(SkipsBadSamples, Dataset):
     """Images under `root` (recursive, sorted), each captioned by `<stem>.txt` beside it.
 
     Args:
@@ -90,18 +136,21 @@ class FolderDataset(Dataset):
         return len(self.images)
 
     def caption(self, i: int) -> str:
-        """The caption of item i, whitespace stripped."""
-        return self._caption_path(self.images[i]).read_text(encoding="utf-8").strip()
+        """The caption of item i, whitespace stripped (BadSample when it is not UTF-8)."""
+        return read_caption(self._caption_path(self.images[i]))
 
-    def __getitem__(self, i: int) -> dict:
+    def load_item(self, i: int) -> dict:
         return captioned_image(self.images[i], self.caption(i), self.resolution)
 
 
 def captioned_image(path: Path, caption: str, resolution: int) -> dict:
     """A training item (the data contract): the R x R centre crop in [-1, 1], its caption, and the
-    original size and crop offset for SDXL's micro-conditioning."""
-    with Image.open(path) as file:
-        image = ImageOps.exif_transpose(file).convert("RGB")  # upright, as viewers show it
+    original size and crop offset for SDXL's micro-conditioning. BadSample when it cannot be read."""
+    try:
+        with Image.open(path) as file:
+            image = ImageOps.exif_transpose(file).convert("RGB")  # upright; CMYK, alpha, grey -> RGB
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # truncated, corrupt, not an image
+        raise BadSample(f"{path}: {type(error).__name__}: {error}") from None
     w, h = image.size
     crop, top, left = resize_and_center_crop(image, resolution)
     pixels = np.asarray(crop).transpose(2, 0, 1).astype(np.float32, order="C")  # (3, R, R)
