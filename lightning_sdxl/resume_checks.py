@@ -37,6 +37,10 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
                 "(hydra.run.dir=<run>) or drop ckpt_path to start afresh."
             )
         return found[-1]
+    if "://" in str(ckpt_path):  # Lightning loads remote checkpoints with weights_only=False (pickle)
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is remote: Lightning would load it with pickle; download it and give the local path."
+        )
     path = Path(str(ckpt_path))
     if not path.is_file():
         raise MissingPathError(f"ckpt_path={ckpt_path} does not exist: give a .ckpt of this run, or ckpt_path=last.")

@@ -432,6 +432,7 @@ BAD_CONFIGS = [
     (["data.batch_size=0"], ConfigError, "data.batch_size=0"),
     (["ckpt_path=/nonexistent.ckpt"], FileNotFoundError, "ckpt_path=/nonexistent.ckpt"),
     (["ckpt_path=last"], FileNotFoundError, "ckpt_path=last"),
+    (["ckpt_path=https://example.com/run.ckpt"], ConfigError, "is remote"),
     (["ckpt_path={tiny}/model_index.json"], ConfigError, "not a readable Lightning checkpoint"),
     (["callbacks.export.dirpath={tiny}"], FileExistsError, "did not write"),  # a folder of the user's files
 ]

@@ -324,3 +324,29 @@ def test_fid_under_ddp_equals_single_process(weights, tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(weights, str(tmp_path / "cache"), port, results), nprocs=2)
     assert results[0] == results[1] == [pytest.approx(expected, rel=1e-9)] * 2
+
+
+def test_inception_weights_load_without_pickle(tmp_path):
+    """Issue 15: torch-fidelity reads the Inception file with pickle; the project reads it only as
+    safetensors or with weights_only=True and hands torch-fidelity its own copy."""
+    import pickle
+
+    from safetensors.torch import save_file
+
+    from lightning_sdxl.metrics.features import load_inception_state
+
+    state = {"conv.weight": torch.randn(2, 3), "fc.bias": torch.zeros(4)}
+    torch.save(state, tmp_path / "weights.pth")
+    save_file(state, tmp_path / "weights.safetensors")
+    for name in ("weights.pth", "weights.safetensors"):
+        loaded = load_inception_state(tmp_path / name)
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would have run",))
+
+    with open(tmp_path / "evil.pth", "wb") as handle:
+        pickle.dump({"conv.weight": Payload()}, handle)
+    with pytest.raises(ValueError, match="not loaded .it would run arbitrary code"):
+        load_inception_state(tmp_path / "evil.pth")

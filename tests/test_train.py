@@ -122,6 +122,13 @@ def test_cli_log_file_gets_progress_lines_and_checkpoint_names_paste_as_override
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "batch 6/6 (100%)" in resumed.stdout + resumed.stderr
     assert torch.load(branch / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    # The README's resume names only the folder: the run's own settings (loss=uncond_adv, not the
+    # default cond_adv, which the checkpoint check would refuse) come from its run_overrides.yaml.
+    again = run_cli(["ckpt_path=last", "steps=6", "progress_log_seconds=0", f"hydra.run.dir={run}"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    assert "steps=4" in (run / "run_overrides.yaml").read_text()  # the original, kept
+    assert "ckpt_path=last" in (run / "resumes.yaml").read_text()  # the resume, recorded beside it
 
 
 def test_step_convention_in_one_place(make_config):

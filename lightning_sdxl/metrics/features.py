@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,6 +85,23 @@ class FeatureExtractor(nn.Module):
         return super().train(False)
 
 
+def load_inception_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The Inception state dict from a .safetensors file or a .pth read with weights_only=True
+    (plain tensors only); a .pth that needs pickle's arbitrary objects is refused."""
+    if str(path).endswith(".safetensors"):
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle.UnpicklingError and its wrappers
+        raise ValueError(
+            f"{path} holds more than plain tensors and is not loaded (it would run arbitrary code); "
+            f"use torch-fidelity's original file or a safetensors copy ({type(error).__name__})."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict of tensors.")
+    return state
+
+
 class InceptionFeatures(FeatureExtractor):
     """FID's Inception-V3 pool features (2048-d), as torchmetrics computes them (torch-fidelity).
 
@@ -109,11 +127,17 @@ class InceptionFeatures(FeatureExtractor):
                 f"{path} is not the standard FID Inception file (SHA-256 {sha256[:8]}, expected "
                 f"{INCEPTION_SHA256_PREFIX}...): scores are not comparable with published FIDs"
             )
-        self.network = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=["2048"],
-            feature_extractor_weights_path=str(path),
-        )
+        # torch-fidelity reads its weights file with pickle (torch.load(weights_only=False)). It gets
+        # a file written here from tensors read safely (load_inception_state), never the user's file.
+        state = load_inception_state(path)
+        with tempfile.TemporaryDirectory() as folder:
+            safe_copy = Path(folder) / "inception_state.pt"
+            torch.save(state, safe_copy)
+            self.network = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=["2048"],
+                feature_extractor_weights_path=str(safe_copy),
+            )
         self.identity = f"inception-v3-fid:{sha256[:16]}"
         self.eval()
 
