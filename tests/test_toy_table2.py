@@ -72,6 +72,10 @@ def test_overrides_the_command_sets_are_refused():
         table2.check_overrides(["seed=3"])
     with pytest.raises(SystemExit):
         table2.check_overrides(["loss=cond_adv"])
+    # An experiment would reach training but not scoring (it scored the open world's students with
+    # the simple world's text encoders); the world goes by its parts.
+    with pytest.raises(SystemExit, match="model=toy_open metrics=toy_open data.world=open"):
+        table2.check_overrides(["experiment=toy_open"])
 
 
 @pytest.mark.slow

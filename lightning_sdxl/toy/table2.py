@@ -177,6 +177,13 @@ def check_overrides(overrides: list[str]) -> None:
             f"table2: {clashes} are set per run by this command (--stages, --arms, --seeds, --phase-steps); "
             "drop them from the overrides."
         )
+    if any(override_key(o) == "experiment" for o in overrides):
+        # Scoring (eval.py's config) takes only model=, metrics= and data.* overrides: an experiment
+        # would train on one world and score on another (the open world's text encoders are wider).
+        raise SystemExit(
+            "table2: give the world by its parts, which scoring takes too: e.g. model=toy_open "
+            "metrics=toy_open data.world=open instead of experiment=toy_open."
+        )
 
 
 def run_name(stage: str, arm: str, seed: int) -> str:
