@@ -25,7 +25,6 @@ from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from lightning_sdxl.callbacks.metrics import check_patch_fits, reference_id
 from lightning_sdxl.diffusion.prediction import get_prediction
 from lightning_sdxl.diffusion.sampler import sample, seeded_noise
 from lightning_sdxl.diffusion.schedule import NoiseSchedule
@@ -33,7 +32,9 @@ from lightning_sdxl.diffusion.solver import unet_fn
 from lightning_sdxl.errors import ConfigError, MissingPathError, instantiate_checked
 from lightning_sdxl.io import atomic_path
 from lightning_sdxl.metrics import ReferenceStatsCache, prepare_reference
+from lightning_sdxl.metrics.fid import check_patch_fits
 from lightning_sdxl.metrics.precision_recall import PrecisionRecall
+from lightning_sdxl.metrics.reference_stats import reference_id
 from lightning_sdxl.models.loading import check_pipeline_folder, load_sdxl
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl

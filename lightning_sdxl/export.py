@@ -48,6 +48,7 @@ from lightning_sdxl.comfyui import write_workflow
 from lightning_sdxl.finite_guard import NonFiniteTrainingError, all_finite
 from lightning_sdxl.io import atomic_dir
 from lightning_sdxl.models.loading import cast, looks_local
+from lightning_sdxl.module import DistillationModule
 from lightning_sdxl.single_file import save_components, sgm_unet_names
 
 log = logging.getLogger(__name__)
@@ -257,8 +258,6 @@ def export_checkpoint(
     single_file: bool = True,
 ) -> Path:
     """Export a Lightning checkpoint of a `DistillationModule` (the frozen parts reload from its model_path)."""
-    from lightning_sdxl.module import DistillationModule
-
     module = DistillationModule.load_from_checkpoint(
         checkpoint, map_location="cpu", weights_only=True
     )

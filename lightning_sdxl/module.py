@@ -454,12 +454,6 @@ class DistillationModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.validation_outputs.clear()
 
-    def export(self, out_dir, dtype: torch.dtype = torch.float32, single_file: bool = True) -> None:
-        """The student's exports (lightning_sdxl/export.py), written atomically into `out_dir`."""
-        from lightning_sdxl.export import export_student  # export.py reads this module's classes
-
-        export_student(self, out_dir, dtype, single_file=single_file)
-
     # ---- checkpoints: trainable weights only ---------------------------------------------------
 
     def trainable_state_keys(self) -> set[str]:

@@ -38,10 +38,10 @@ def trained_state(run: Path) -> dict:
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_ends_bit_identical(tmp_path):
     whole = tmp_path / "whole"
-    done = subprocess.run(command(whole), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command(whole), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     started = time.monotonic()
-    subprocess.run(command(tmp_path / "timing"), cwd=REPO, env=environment(), capture_output=True, timeout=600)
+    subprocess.run(command(tmp_path / "timing"), cwd=REPO, env=environment(), capture_output=True, timeout=600, check=True)
     duration = time.monotonic() - started
     expected = trained_state(whole)
 
@@ -56,7 +56,7 @@ def test_sigkill_anywhere_then_resume_ends_bit_identical(tmp_path):
         for _ in range(3):  # resume until finished (a kill before the first checkpoint: start afresh)
             extra = ["ckpt_path=last"] if (run / "checkpoints" / "last.ckpt").exists() else []
             resumed = subprocess.run(command(run, *extra), cwd=REPO, env=environment(), capture_output=True,
-                                     text=True, timeout=600)
+                                     text=True, timeout=600, check=False)
             assert resumed.returncode == 0, resumed.stderr[-3000:]
             if (run / "export" / "export_info.json").exists():
                 break

@@ -12,6 +12,7 @@ from omegaconf import open_dict
 
 from lightning_sdxl.data import ToyWorldDataModule
 from lightning_sdxl.diffusion.schedule import CLEAN
+from lightning_sdxl.export import export_student
 
 
 def build_module(make_config, tiny_sdxl_path, *overrides):
@@ -255,7 +256,7 @@ def test_discriminator_warmup_holds_the_generator_and_keeps_the_step_convention(
     assert trainer.global_step == 4 and module.batches_trained == 2  # 2 optimizer steps per batch, as always
     assert moved and all(k.startswith("discriminator.") for k in moved), "only D may train in the warm-up"
     assert module.discriminator_signal is not None and 0 <= module.discriminator_signal["accuracy_last_fifth"] <= 1
-    module.export(tmp_path / "export", single_file=False)
+    export_student(module, tmp_path / "export", single_file=False)
     info = json.loads((tmp_path / "export" / "export_info.json").read_text())
     assert info["discriminator"] == module.discriminator_signal
     # Per start timestep: a D that sees every t=999 pair and none of the t=249 ones (each called
@@ -293,7 +294,7 @@ def test_discriminator_init_continues_an_earlier_phase(make_config, tiny_sdxl_pa
     with torch.no_grad():
         for parameter in phase_a.discriminator.parameters():
             parameter.add_(0.01)
-    phase_a.export(tmp_path / "export")
+    export_student(phase_a, tmp_path / "export")
     saved = tmp_path / "export" / "discriminator.safetensors"
     phase_b, _ = build_module(make_config, tiny_sdxl_path, "loss=uncond_adv", f"discriminator.init={saved}")
     for key, value in phase_b.discriminator.backbone.state_dict().items():

@@ -1,1 +1,1 @@
-"""Lightning callbacks: validation sample grids, (later) metrics and exports."""
+"""Lightning callbacks: sample grids, metrics, exports, preemption checkpoints, RNG states, progress."""

@@ -9,9 +9,20 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lightning_sdxl.export import export_student
+
+
+def write_export(module: L.LightningModule, dirpath: Path, dtype: torch.dtype, single_file: bool) -> None:
+    """A module's own `export` (the toy teacher's pipeline folder), else the student's exports."""
+    if hasattr(module, "export"):
+        module.export(dirpath, dtype, single_file=single_file)
+    else:
+        export_student(module, dirpath, dtype, single_file=single_file)
+
 
 class ExportCallback(L.Callback):
-    """Writes the module's `export(dirpath, dtype)` when training ends (global rank 0).
+    """Writes the student's exports (lightning_sdxl/export.py), or a module's own `export`, when
+    training ends (global rank 0).
 
     The folder is replaced atomically: an interrupted export leaves the previous one intact.
 
@@ -29,7 +40,7 @@ class ExportCallback(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            pl_module.export(self.dirpath, self.dtype, single_file=self.single_file)
+            write_export(pl_module, self.dirpath, self.dtype, self.single_file)
             self.exported_at = trainer.global_step
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -43,5 +54,5 @@ class ExportCallback(L.Callback):
             info.is_file() and json.loads(info.read_text()).get("global_step") == trainer.global_step
         ):
             return
-        pl_module.export(self.dirpath, self.dtype, single_file=self.single_file)
+        write_export(pl_module, self.dirpath, self.dtype, self.single_file)
         self.exported_at = trainer.global_step

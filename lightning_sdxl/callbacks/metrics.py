@@ -4,14 +4,11 @@ prompts of its own validation shard)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator
 
 import lightning as L
 import torch
 
-from lightning_sdxl.errors import ConfigError
 from lightning_sdxl.metrics import (
     CLIPScore,
     FIDPatch,
@@ -19,28 +16,8 @@ from lightning_sdxl.metrics import (
     ReferenceStatsCache,
     prepare_reference,
 )
-
-# Data-module settings that change which reference images exist (batching does not).
-_REFERENCE_IGNORED = ("batch_size", "num_workers")
-
-
-def reference_id(datamodule: L.LightningDataModule) -> str:
-    """What defines the reference set: the data module's class and data settings."""
-    settings = {k: v for k, v in dict(datamodule.hparams).items() if k not in _REFERENCE_IGNORED}
-    dataset = getattr(datamodule, "dataset", None)
-    if dataset is not None and hasattr(dataset, "images"):  # a folder: its file list and dates
-        files = [(str(path), path.stat().st_mtime_ns) for path in dataset.images]
-        settings["files"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
-    return f"{type(datamodule).__name__}:{json.dumps(settings, sort_keys=True, default=str)}"
-
-
-def check_patch_fits(fid_patch: FIDPatch | None, resolution: int) -> None:
-    """FID-Patch crops at native resolution: the images must be at least the extractor's input."""
-    if fid_patch is not None and resolution < fid_patch.size:
-        raise ConfigError(
-            f"FID-Patch takes a {fid_patch.size} px native crop, but data.resolution={resolution}: "
-            "raise the resolution or use a patch extractor with a smaller input."
-        )
+from lightning_sdxl.metrics.fid import check_patch_fits
+from lightning_sdxl.metrics.reference_stats import reference_id
 
 
 class DistillationMetrics(L.Callback):

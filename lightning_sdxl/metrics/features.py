@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -92,7 +93,7 @@ def load_inception_state(path: str | os.PathLike) -> dict[str, Tensor]:
         return load_file(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle.UnpicklingError and its wrappers
+    except (pickle.UnpicklingError, RuntimeError, AttributeError) as error:  # weights_only refusals
         raise ValueError(
             f"{path} holds more than plain tensors and is not loaded (it would run arbitrary code); "
             f"use torch-fidelity's original file or a safetensors copy ({type(error).__name__})."

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from lightning_sdxl.errors import ConfigError
 from lightning_sdxl.metrics.features import FeatureExtractor
 
 
@@ -169,3 +170,12 @@ class FIDPatch(FrechetDistance):
             )
         top, left = (height - self.size) // 2, (width - self.size) // 2
         return images[..., top : top + self.size, left : left + self.size]  # (B, 3, size, size)
+
+
+def check_patch_fits(fid_patch: FIDPatch | None, resolution: int) -> None:
+    """FID-Patch crops at native resolution: the images must be at least the extractor's input."""
+    if fid_patch is not None and resolution < fid_patch.size:
+        raise ConfigError(
+            f"FID-Patch takes a {fid_patch.size} px native crop, but data.resolution={resolution}: "
+            "raise the resolution or use a patch extractor with a smaller input."
+        )

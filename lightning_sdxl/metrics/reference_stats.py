@@ -25,6 +25,19 @@ from lightning_sdxl.metrics.fid import FrechetDistance, ReferenceStats
 
 CACHE_FORMAT = 1
 
+# Data-module settings that change which reference images exist (batching does not).
+_REFERENCE_IGNORED = ("batch_size", "num_workers")
+
+
+def reference_id(datamodule) -> str:
+    """What defines the reference set: the data module's class and data settings."""
+    settings = {k: v for k, v in dict(datamodule.hparams).items() if k not in _REFERENCE_IGNORED}
+    dataset = getattr(datamodule, "dataset", None)
+    if dataset is not None and hasattr(dataset, "images"):  # a folder: its file list and dates
+        files = [(str(path), path.stat().st_mtime_ns) for path in dataset.images]
+        settings["files"] = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    return f"{type(datamodule).__name__}:{json.dumps(settings, sort_keys=True, default=str)}"
+
 
 def reference_description(metric: FrechetDistance, reference_id: str) -> dict[str, str]:
     """What defines a metric's reference statistics (hashed into the cache key)."""
