@@ -47,26 +47,20 @@ class PoisonStudent(L.Callback):
                     parameter.fill_(math.nan)
 
 
-def test_a_nan_run_stops_with_a_clear_error_and_exports_nothing(make_config):
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # The guard: NaN losses from batch 1 on stop the run at its limit (2 in a row).
+        (("loss=uncond_adv", "steps=8", "optim.max_nonfinite_steps=2"), "generator's loss was not finite .* 2 steps in a row"),
+        # The last line of defence: a run that ends before the guard's limit (5) ships no NaN.
+        (("loss=mse", "steps=2", "optim.max_nonfinite_steps=5"), "weights hold NaN or inf: nothing was exported"),
+    ],
+    ids=["guard", "export"],
+)
+def test_a_nan_run_stops_with_a_clear_error_and_exports_nothing(overrides, message, make_config):
     from lightning_sdxl.train import train
 
-    cfg = make_config(
-        "loss=uncond_adv", "steps=8", "checkpoint.every_n_steps=100", "validation.every_n_steps=100",
-        "logger=none", "optim.max_nonfinite_steps=2",
-    )
-    with pytest.raises(NonFiniteTrainingError, match="generator's loss was not finite .* 2 steps in a row"):
+    cfg = make_config(*overrides, "checkpoint.every_n_steps=100", "validation.every_n_steps=100", "logger=none")
+    with pytest.raises(NonFiniteTrainingError, match=message):
         train(cfg, [PoisonStudent(at=1)])
     assert not (Path(cfg.output_dir) / "export").exists(), "a NaN student must not be exported"
-
-
-def test_the_export_refuses_non_finite_weights(make_config):
-    """The last line of defence: even a run that ends (the guard not yet at its limit) ships no NaN."""
-    from lightning_sdxl.train import train
-
-    cfg = make_config(
-        "loss=mse", "steps=2", "checkpoint.every_n_steps=100", "validation.every_n_steps=100",
-        "logger=none", "optim.max_nonfinite_steps=5",
-    )
-    with pytest.raises(NonFiniteTrainingError, match="weights hold NaN or inf: nothing was exported"):
-        train(cfg, [PoisonStudent(at=1)])
-    assert not (Path(cfg.output_dir) / "export").exists()
