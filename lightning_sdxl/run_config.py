@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from lightning_sdxl.io import atomic_path
 
@@ -31,7 +32,10 @@ def overrides_for(output_dir: str | Path, overrides: list[str]) -> list[str]:
 
 
 def record(output_dir: str | Path, overrides: list[str]) -> None:
-    """The first start writes run_overrides.yaml; a resume appends its overrides to resumes.yaml."""
+    """The first start writes run_overrides.yaml; a resume appends its overrides to resumes.yaml.
+    Global rank 0 only (DDP's other processes rerun the command)."""
+    if rank_zero_only.rank != 0:
+        return
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     recorded = folder / RUN_OVERRIDES

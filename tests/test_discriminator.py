@@ -10,14 +10,14 @@ from torch.nn import functional as F
 
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.discriminator import Discriminator, DiscriminatorHead, UNetEncoder
-from lightning_sdxl.models.tiny import build_tiny_sdxl
+from lightning_sdxl.models.tiny import TOY_TEXT_WIDTHS, build_tiny_sdxl
 
 B, H, W = 2, 16, 16
-POOLED_DIM, TEXT_DIM = 32, 64
+POOLED_DIM, TEXT_DIM = TOY_TEXT_WIDTHS[1], sum(TOY_TEXT_WIDTHS)  # text_encoder_2's pooled width; both encoders
 
 
 def tiny_unet() -> UNet2DConditionModel:
-    """The project's tiny SDXL UNet (80 = 32 pooled + 6 x 8 time ids), SDXL's architecture at toy size."""
+    """The project's tiny SDXL UNet (96 = 48 pooled + 6 x 8 time ids), SDXL's architecture at toy size."""
     return build_tiny_sdxl(seed=0).unet
 
 

@@ -64,18 +64,13 @@ def stock_pipeline(base: str, export: Path | None = None) -> StableDiffusionXLPi
 
 
 def single_file_pipeline(base: str, export: Path) -> StableDiffusionXLPipeline:
-    """The export's all-in-one file read by diffusers' own single-file reader (offline: the base's configs).
-
-    text_encoder_2 is passed in: diffusers 0.42 picks a text encoder's keys by width alone, and the
-    tiny model's two are equally wide, so the reader would fill it from CLIP-L's keys (a reader
-    limit, lightning_sdxl/single_file.py; tests/test_single_file.py pins it as a strict xfail and
-    reads unequal widths, as in SDXL, with no component passed in).
-    """
+    """The export's all-in-one file read by diffusers' own single-file reader (offline: the base's
+    configs), every component from the file: the tiny model's text encoders differ in width, as
+    SDXL's do (diffusers 0.42 tells them apart by width alone; tests/test_single_file.py)."""
     pipe = StableDiffusionXLPipeline.from_single_file(
         str(export / SINGLE_FILE),
         config=base,
         local_files_only=True,
-        text_encoder_2=StableDiffusionXLPipeline.from_pretrained(base).text_encoder_2,
         scheduler=EulerDiscreteScheduler.from_pretrained(export / SCHEDULER_DIR),
     )
     pipe.set_progress_bar_config(disable=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_sdxl.data.coco import CocoCaptionsDataset
 from lightning_sdxl.data.folder import BadSample, FolderDataset
@@ -24,6 +24,15 @@ def resumable_sampler(datamodule: L.LightningDataModule, size: int, shuffle: boo
         rank=trainer.global_rank if trainer is not None else 0,
         world_size=trainer.world_size if trainer is not None else 1,
     )
+
+
+def validation_sampler(datamodule: L.LightningDataModule, dataset: Dataset) -> DistributedSampler | None:
+    """This rank's share of the validation prompts under several processes (padded by repeats, as
+    Lightning's own replacement did before train.py turned it off for the resumable sampler)."""
+    trainer = datamodule.trainer
+    if trainer is None or trainer.world_size == 1:
+        return None
+    return DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
 
 
 # Validation scenes are the toy world's items VAL_INDEX_START - 1, - 2, ...: far past any epoch.
@@ -77,10 +86,11 @@ class ToyWorldDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        prompts = PromptDataset(self.val_prompts, self.val_seeds)
         return DataLoader(
-            PromptDataset(self.val_prompts, self.val_seeds),
+            prompts,
             batch_size=min(self.hparams.batch_size, self.hparams.num_val_prompts),
-            shuffle=False,
+            sampler=validation_sampler(self, prompts),
         )
 
     def validation_images(self) -> torch.Tensor:
@@ -142,10 +152,11 @@ class FolderDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        prompts = PromptDataset(self.val_prompts, self.val_seeds)
         return DataLoader(
-            PromptDataset(self.val_prompts, self.val_seeds),
+            prompts,
             batch_size=min(self.hparams.batch_size, len(self.val_prompts)),
-            shuffle=False,
+            sampler=validation_sampler(self, prompts),
         )
 
     def validation_images(self) -> torch.Tensor:

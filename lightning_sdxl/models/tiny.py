@@ -27,10 +27,15 @@ from lightning_sdxl.models.tokenizers import (
 )
 
 # Bump when the architecture below changes, so cached folders of an older build are not reused.
-TINY_SDXL_VERSION = 1
+TINY_SDXL_VERSION = 2  # 2: text encoders 32 and 48 wide (were both 32)
 TINY_BLOCK_OUT_CHANNELS = (32, 64)  # UNet levels; the discriminator sees R/8/2 latent pixels
-TEXT_WIDTH = 32  # each text encoder; cross_attention_dim = 2 x 32
-ADDITION_TIME_EMBED_DIM = 8  # projection_class_embeddings_input_dim = 32 + 6 x 8 = 80
+TEXT_WIDTH = 32  # the default width of a toy CLIP text encoder
+# Text encoders of unequal widths, as SDXL's (768 and 1280): diffusers' single-file reader
+# (0.42.1, create_diffusers_clip_model_from_ldm) tells CLIP-L from OpenCLIP by width alone, so two
+# encoders of one width load text_encoder_2 with CLIP-L's weights from an all-in-one file. The
+# "simple" world's committed teacher predates this and has (32, 32).
+TOY_TEXT_WIDTHS = (32, 48)  # cross_attention_dim = 32 + 48
+ADDITION_TIME_EMBED_DIM = 8  # projection_class_embeddings_input_dim = 48 + 6 x 8 = 96
 
 # SDXL base 1.0's scheduler config (scaled_linear betas; the project only reads the schedule).
 SDXL_SCHEDULER_CONFIG = {
@@ -122,7 +127,7 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     # SD's rule, scaling_factor = 1 / std(latents): this random VAE's posterior samples on toy
     # images have std 1.04 (measured on 32 images), so 1.0 keeps latents at unit scale.
     vae_size = {"block_out_channels": (32, 32, 64, 64), "sample_size": 128, "scaling_factor": 1.0}
-    return _random_sdxl(seed, unet_size, vae_size)
+    return _random_sdxl(seed, unet_size, vae_size, TOY_TEXT_WIDTHS)
 
 
 # The committed toy teacher's architecture (lightning_sdxl/assets/toy-sdxl): 32 px images, a VAE
@@ -130,13 +135,6 @@ def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
 # levels. (48, 96) ran at 0.33 s per batch of 64 here (2 cores), (64, 128) at 0.62 s, (32, 64) 0.28 s.
 TOY_RESOLUTION = 32
 TOY_BLOCK_OUT_CHANNELS = (48, 96)
-# Text encoders of unequal widths, as SDXL's (768 and 1280): diffusers' single-file reader
-# (0.42.1, create_diffusers_clip_model_from_ldm) tells CLIP-L from OpenCLIP by width alone, so two
-# encoders of one width load text_encoder_2 with CLIP-L's weights from an all-in-one file. The
-# "simple" world's committed teacher predates this and has (32, 32).
-TOY_TEXT_WIDTHS = (32, 48)
-
-
 def build_toy_sdxl(seed: int = 0, text_widths: tuple[int, int] = TOY_TEXT_WIDTHS) -> StableDiffusionXLPipeline:
     """The toy teacher's SDXL pipeline, randomly initialised (trained by lightning_sdxl.toy.build_teacher)."""
     unet_size = {
