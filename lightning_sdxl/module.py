@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_sdxl.diffusion.prediction import get_prediction
 from lightning_sdxl.diffusion.sampler import sample, seeded_noise
@@ -31,18 +30,12 @@ from lightning_sdxl.models.loading import cast, check_same_noise_schedule, load_
 from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeacher
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
+from lightning_sdxl.plain_config import plain_config
 from lightning_sdxl.steps import to_batches
 
 # A phase whose discriminator accuracy over its last fifth stays within CHANCE_BAND of 0.5 carried
 # no adversarial signal: the generator followed noise (issue 10's measurement on the toy).
 CHANCE_BAND = 0.05
-
-
-def plain_config(value):
-    """OmegaConf containers (from Hydra) and tuples as plain lists and dicts."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass

@@ -27,7 +27,7 @@ from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.loading import load_sdxl
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
-from lightning_sdxl.module import plain_config
+from lightning_sdxl.plain_config import plain_config
 from lightning_sdxl.single_file import save_components
 
 LOSS_WEIGHTINGS = ("v", "uniform")
