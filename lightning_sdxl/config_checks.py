@@ -182,6 +182,7 @@ _DATA_PATHS = {
     "root": (True, "a folder of images with sidecar .txt captions"),
     "captions_file": (False, "a COCO captions JSON"),
     "image_root": (True, "the folder of the images the captions file names"),
+    "manifest": (False, "a CSV or parquet manifest of image paths and captions"),
 }
 
 

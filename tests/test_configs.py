@@ -64,6 +64,7 @@ def image_root(tmp_path_factory) -> str:
     (root / "red.txt").write_text("a red square")
     captions = {"images": [{"id": 1, "file_name": "red.png"}], "annotations": [{"image_id": 1, "caption": "a red square"}]}
     (root / "captions.json").write_text(json.dumps(captions))
+    (root / "manifest.csv").write_text("image,caption\nred.png,a red square\n")
     return str(root)
 
 
@@ -73,6 +74,8 @@ def _required_overrides(group: str, name: str, tiny: str, root: str) -> list[str
         return [f"data.root={root}"]
     if (group, name) == ("data", "coco"):
         return [f"data.captions_file={root}/captions.json", f"data.image_root={root}"]
+    if (group, name) == ("data", "manifest"):
+        return [f"data.manifest={root}/manifest.csv"]
     if (group, name) in (("experiment", "sdxl"), ("experiment", "sdxl_recipe")):
         return [f"model.path={tiny}", f"data.root={root}"]
     if (group, name) in TEACHER_FILES - {("stage", "teacher")}:

@@ -4,6 +4,7 @@ from lightning_sdxl.data.coco import CocoCaptionsDataset
 from lightning_sdxl.data.datamodules import (
     CocoCaptionsDataModule,
     FolderDataModule,
+    ManifestDataModule,
     ToyWorldDataModule,
 )
 from lightning_sdxl.data.folder import IMAGE_EXTENSIONS, FolderDataset
@@ -33,6 +34,7 @@ __all__ = [
     "CocoCaptionsDataset",
     "FolderDataModule",
     "FolderDataset",
+    "ManifestDataModule",
     "PromptDataset",
     "Scene",
     "ShapeSpec",

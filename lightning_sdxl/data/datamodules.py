@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_sdxl.data.coco import CocoCaptionsDataset
 from lightning_sdxl.data.folder import BadSample, FolderDataset
+from lightning_sdxl.data.manifest import ManifestDataset
 from lightning_sdxl.data.prompts import PromptDataset
 from lightning_sdxl.data.resumable import ResumableSampler
 from lightning_sdxl.data.toy_world import ToyWorld
@@ -190,4 +191,34 @@ class CocoCaptionsDataModule(FolderDataModule):
             root=None, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
             num_val_prompts=num_val_prompts, seed=seed,
             dataset=CocoCaptionsDataset(captions_file, image_root, resolution, max_captions),
+        )
+
+
+class ManifestDataModule(FolderDataModule):
+    """A CSV or parquet manifest of image paths and captions (see ManifestDataset); its first
+    captions validate.
+
+    Args:
+        manifest: the manifest file.
+        image_column, caption_column: its path and caption columns.
+        image_root: folder relative paths start from (None: the manifest's folder).
+        Others: as FolderDataModule.
+    """
+
+    def __init__(
+        self,
+        manifest: str,
+        resolution: int = 1024,
+        batch_size: int = 4,
+        num_workers: int = 4,
+        num_val_prompts: int = 8,
+        seed: int = 0,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        image_root: str | None = None,
+    ) -> None:
+        dataset = ManifestDataset(manifest, resolution, image_column, caption_column, image_root)
+        super().__init__(
+            root=None, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
+            num_val_prompts=num_val_prompts, seed=seed, dataset=dataset,
         )
