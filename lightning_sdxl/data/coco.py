@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
-from lightning_sdxl.data.folder import MAX_LISTED, SkipsBadSamples, captioned_image
+from lightning_sdxl.data.folder import MAX_LISTED, CaptionedItems
 from lightning_sdxl.errors import ConfigError
 
 
@@ -48,7 +46,7 @@ def read_coco_captions(path: Path, max_captions: int | None = None) -> list[tupl
     return pairs
 
 
-class CocoCaptionsDataset(SkipsBadSamples, Dataset):
+class CocoCaptionsDataset(CaptionedItems):
     """One item per caption, in file order, with the image it describes.
 
     Args:
@@ -81,13 +79,3 @@ class CocoCaptionsDataset(SkipsBadSamples, Dataset):
                 f"{len(missing)} images named in {captions_file} are not under data.image_root={image_root} "
                 f"(e.g. {', '.join(missing[:MAX_LISTED])})."
             )
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def caption(self, i: int) -> str:
-        return self.items[i][1]
-
-    def load_item(self, i: int) -> dict:
-        path, caption = self.items[i]
-        return captioned_image(path, caption, self.resolution)

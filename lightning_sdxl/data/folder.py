@@ -80,6 +80,26 @@ def resize_and_center_crop(image: Image.Image, resolution: int) -> tuple[Image.I
     return resized.crop((left, top, left + resolution, top + resolution)), top, left
 
 
+class CaptionedItems(SkipsBadSamples, Dataset):
+    """A dataset of (image path, caption) pairs in `self.items` (a captions file, a manifest), read
+    as training items at `self.resolution`; a listed file that is gone is a skipped BadSample."""
+
+    items: list[tuple[Path, str]]
+    resolution: int
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def caption(self, i: int) -> str:
+        return self.items[i][1]
+
+    def load_item(self, i: int) -> dict:
+        path, caption = self.items[i]
+        if not path.is_file():
+            raise BadSample(f"{path}: listed but not found")
+        return captioned_image(path, caption, self.resolution)
+
+
 class FolderDataset(SkipsBadSamples, Dataset):
     """Images under `root` (recursive, sorted), each captioned by `<stem>.txt` beside it.
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
-from lightning_sdxl.data.folder import BadSample, SkipsBadSamples, captioned_image
+from lightning_sdxl.data.folder import CaptionedItems
 from lightning_sdxl.errors import ConfigError, MissingPathError
 
 
@@ -47,7 +45,7 @@ def read_manifest(path: Path, image_column: str, caption_column: str) -> list[tu
     return [(str(image or ""), str(caption or "").strip()) for image, caption in rows]
 
 
-class ManifestDataset(SkipsBadSamples, Dataset):
+class ManifestDataset(CaptionedItems):
     """One item per manifest row: the image at its path (absolute, or relative to `image_root`, by
     default the manifest's folder) with its caption; rows without an image path or caption are
     dropped at indexing and counted (`dropped`).
@@ -70,15 +68,3 @@ class ManifestDataset(SkipsBadSamples, Dataset):
         self.dropped = len(rows) - len(self.items)
         if not self.items:
             raise ConfigError(f"data.manifest={manifest} has no row with both an image path and a caption.")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def caption(self, i: int) -> str:
-        return self.items[i][1]
-
-    def load_item(self, i: int) -> dict:
-        path, caption = self.items[i]
-        if not path.is_file():
-            raise BadSample(f"{path}: listed in {self.manifest} but not found")
-        return captioned_image(path, caption, self.resolution)
