@@ -58,13 +58,15 @@ def save_weights(
 
 def check_replaceable(path: str | os.PathLike) -> None:
     """Raise RefusedOverwrite unless `path` is absent, an empty folder or a folder this project
-    wrote (it holds OWNED_MARKER): an export never deletes a user's files."""
+    wrote (it holds OWNED_MARKER, or an older export's export_info.json): an export never deletes
+    a user's files."""
     path = Path(path)
     if not path.exists():
         return
     if not path.is_dir():
         raise RefusedOverwrite(f"{path} is a file, not an output folder; choose another output path.")
-    if any(path.iterdir()) and not (path / OWNED_MARKER).is_file():
+    # export_info.json: an export written before the marker existed (only this project writes it).
+    if any(path.iterdir()) and not (path / OWNED_MARKER).is_file() and not (path / "export_info.json").is_file():
         raise RefusedOverwrite(
             f"{path} holds files lightning_sdxl did not write (no {OWNED_MARKER} marker), so it will not "
             "replace them; choose a new or empty folder, or move those files away first."

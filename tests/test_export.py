@@ -273,6 +273,11 @@ def test_atomic_dir_never_replaces_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "empty").mkdir()
     with atomic_dir(tmp_path / "empty") as folder:  # an empty folder is fine
         (folder / "a").write_text("1")
+    older = tmp_path / "older_export"  # written before the marker: its export_info.json says whose
+    older.mkdir()
+    (older / "export_info.json").write_text("{}")
+    with atomic_dir(older) as folder:
+        (folder / "a").write_text("1")
     assert (users / "thesis.txt").read_text() == "years of work"
     assert (tmp_path / "file").read_text() == "x"
 

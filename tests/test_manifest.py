@@ -62,7 +62,7 @@ def test_wrong_columns_and_missing_files_are_one_line_errors(manifest, tmp_path)
 def test_parquet_reads_with_pyarrow_or_names_the_install(manifest, tmp_path):
     try:
         import pyarrow as arrow
-        import pyarrow.parquet as parquet
+        from pyarrow import parquet
     except ImportError:  # not a project dependency: the manifest says what to install
         (tmp_path / "train.parquet").write_bytes(b"PAR1")
         with pytest.raises(ConfigError, match="pip install pyarrow"):
