@@ -30,6 +30,7 @@ from lightning_sdxl.diffusion.sampler import sample, seeded_noise
 from lightning_sdxl.diffusion.schedule import NoiseSchedule
 from lightning_sdxl.diffusion.solver import unet_fn
 from lightning_sdxl.errors import ConfigError, MissingPathError, instantiate_checked
+from lightning_sdxl.finite_guard import all_finite
 from lightning_sdxl.io import atomic_path
 from lightning_sdxl.metrics import ReferenceStatsCache, prepare_reference
 from lightning_sdxl.metrics.fid import check_patch_fits
@@ -153,6 +154,8 @@ def load_model_under_test(cfg: DictConfig, device: torch.device) -> ModelUnderTe
     text_encoder = SDXLTextEncoder(
         base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2, base.force_zeros_for_empty_prompt
     )
+    if not all_finite(p.detach() for p in unet.parameters()):  # a NaN run's weights: nothing to score
+        raise ConfigError(f"target {kind} {path or ''} has NaN or inf weights: it cannot be evaluated.")
     name = cfg.target.name or (kind if kind == "teacher" else f"{kind}:{Path(str(path)).name}")
     return ModelUnderTest(
         name=name,

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from test_metrics import TINY_CLIP, save_tiny_net, tiny_clip  # noqa: F401 (fixture)
 
 import lightning_sdxl.evaluate as evaluate_module
-from lightning_sdxl.errors import MissingPathError
+from lightning_sdxl.errors import ConfigError, MissingPathError
 from lightning_sdxl.evaluate import evaluate
 from lightning_sdxl.train import train
 
@@ -137,3 +138,15 @@ def test_multirun_over_steps(tmp_path, tiny_clip):  # noqa: F811
     assert [json.loads(t.read_text())[0]["steps"] for t in tables] == [1, 2]
     # The reference statistics were computed once and reused by the second job.
     assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 2
+
+
+def test_a_unet_with_nan_weights_is_refused(eval_config, tiny_sdxl_path, tmp_path):
+    """Issue 15: eval.py scored a NaN run's UNet without a word."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path, subfolder="unet")
+    with torch.no_grad():
+        next(unet.parameters()).view(-1)[0] = float("nan")
+    unet.save_pretrained(tmp_path / "nan_unet")
+    with pytest.raises(ConfigError, match="NaN or inf weights: it cannot be evaluated"):
+        evaluate(eval_config("target.kind=unet", f"target.path={tmp_path / 'nan_unet'}", "steps=[1]"))
