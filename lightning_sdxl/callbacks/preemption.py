@@ -36,5 +36,5 @@ class PreemptionCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or not trainer.training:
             return
-        trainer.save_checkpoint(self.path)  # every rank (a collective); rank 0 writes, atomically
+        trainer.save_checkpoint(self.path, weights_only=False)  # full state; every rank (a collective), rank 0 writes
         log.warning("Preempted at global step %d: saved %s (resume with ckpt_path=last).", trainer.global_step, self.path)
