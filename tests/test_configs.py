@@ -115,7 +115,7 @@ def test_every_file_composes(group, name, tiny_sdxl_path, image_root, tmp_path):
     # Every interpolation resolves (only values left for the command line may stay `???`).
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     teacher = (group, name) in TEACHER_FILES or (group, name) == ("experiment", "toy_teacher")
-    module = "lightning_sdxl.teacher.TeacherModule" if teacher else "lightning_sdxl.module.DistillationModule"
+    module = "lightning_sdxl.toy.teacher.TeacherModule" if teacher else "lightning_sdxl.module.DistillationModule"
     assert container["module"]["_target_"] == module
     raw = OmegaConf.load(CONF / group / f"{name}.yaml")
     is_global = (CONF / group / f"{name}.yaml").read_text().startswith("# @package _global_")

@@ -11,7 +11,7 @@ from lightning_sdxl.data import ToyWorldDataModule
 from lightning_sdxl.diffusion.prediction import get_prediction
 from lightning_sdxl.diffusion.schedule import NoiseSchedule
 from lightning_sdxl.models.tiny import SDXL_SCHEDULER_CONFIG
-from lightning_sdxl.teacher import TeacherModule, loss_weight
+from lightning_sdxl.toy.teacher import TeacherModule, loss_weight
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
