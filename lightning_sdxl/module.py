@@ -81,7 +81,7 @@ class DistillationModule(L.LightningModule):
         student_type: "lora" or "full".
         lora_rank: LoRA rank.
         lora_alpha: LoRA alpha (None: equal to the rank).
-        lora_target_modules: module name suffixes that get LoRA adapters.
+        lora_target_modules: module name suffixes that get LoRA adapters (None: LCM-LoRA's).
         gradient_checkpointing: trade compute for memory in the student UNet.
         prediction_type: the student's prediction type; None keeps the teacher's.
         head_blocks: discriminator head depth (4x4 stride-2 conv blocks); None: as many as leave
@@ -184,7 +184,7 @@ class DistillationModule(L.LightningModule):
             if discriminator_init:
                 self.discriminator.continue_from(discriminator_init)
         self.pair = StudentTeacher(
-            components.unet, student_type, lora_rank, lora_alpha, tuple(lora_target_modules or ()), dtype,
+            components.unet, student_type, lora_rank, lora_alpha, tuple(lora_target_modules or LCM_LORA_TARGET_MODULES), dtype,
             student_init, teacher=separate_teacher,
         )
         if gradient_checkpointing:
