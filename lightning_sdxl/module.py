@@ -11,6 +11,7 @@ Lightning's `trainer.global_step` counts optimizer steps (2 per adversarial batc
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from dataclasses import dataclass
 
 import hydra
@@ -191,7 +192,9 @@ class DistillationModule(L.LightningModule):
             self.pair.unet.enable_gradient_checkpointing()
         self.renoiser = Renoiser(list(renoise_timesteps), list(renoise_weights)) if self.adversarial else None
         self.finite_guard = NonFiniteGuard(max_nonfinite_steps)
-        self.discriminator_accuracies: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (t, accuracy) per sample
+        # Per batch: (t, accuracy) per sample; on_train_start bounds it to the run's last fifth.
+        self.discriminator_accuracies: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
+        self.batches_recorded = 0  # batches appended in this process (the deque keeps the newest)
         self.discriminator_signal: dict | None = None  # set when training ends (`on_train_end`)
         self.validation_outputs: list[dict[str, torch.Tensor]] = []
         self.teacher_samples: dict[tuple, torch.Tensor] = {}  # validation batch -> teacher latents
@@ -293,6 +296,7 @@ class DistillationModule(L.LightningModule):
             self._optimizer_step(1, loss, "discriminator", batch_idx)
         correct_real, correct_fake = (logits_real > 0).float().detach(), (logits_fake < 0).float().detach()
         self.discriminator_accuracies.append((jump.t.detach(), (correct_real + correct_fake) / 2))
+        self.batches_recorded += 1
         self.log_dict(
             {
                 "discriminator/logits_real": logits_real.mean(),
@@ -325,7 +329,10 @@ class DistillationModule(L.LightningModule):
         return [wrong_caption, wrong_start]
 
     def on_train_start(self) -> None:
-        self.discriminator_accuracies.clear()
+        # Only the last fifth of the planned batches is ever measured: keep no more (long runs).
+        planned = to_batches(self.trainer.max_steps, self.optimizers_per_batch, self.accumulate_grad_batches)
+        self.discriminator_accuracies = deque(maxlen=max(1, planned // 5) if planned > 0 else None)
+        self.batches_recorded = 0
 
     def on_train_end(self) -> None:
         """Flag a run whose discriminator stayed at chance over its last fifth (CHANCE_BAND)."""
@@ -346,7 +353,7 @@ class DistillationModule(L.LightningModule):
         None without a discriminator or batches."""
         if not self.discriminator_accuracies:
             return None
-        last = self.discriminator_accuracies[-max(1, len(self.discriminator_accuracies) // 5):]
+        last = list(self.discriminator_accuracies)[-max(1, self.batches_recorded // 5):]
         starts = torch.cat([t for t, _ in last])  # (N,)
         correct = torch.cat([c for _, c in last])  # (N,) per-sample accuracy in {0, 0.5, 1}
         keys = (self.grid.start_positions - 1).round().long().to(starts.device)  # every start the grid draws

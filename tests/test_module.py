@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 
 import hydra
 import lightning as L
@@ -262,7 +263,9 @@ def test_discriminator_warmup_holds_the_generator_and_keeps_the_step_convention(
     # Per start timestep: a D that sees every t=999 pair and none of the t=249 ones (each called
     # the same, 0.5) is 0.75 overall, 1.0 and 0.5 by start, not "no signal".
     starts, correct = torch.tensor([999, 999, 249, 249]), torch.tensor([1.0, 1.0, 0.5, 0.5])
-    module.discriminator_accuracies[:] = [(starts, correct)] * 10
+    # Only the run's last fifth is kept (2 batches planned: a window of 1), not every batch.
+    assert module.batches_recorded == 2 and len(module.discriminator_accuracies) == module.discriminator_accuracies.maxlen == 1
+    module.discriminator_accuracies, module.batches_recorded = deque([(starts, correct)] * 10), 10
     signal = module.measure_discriminator_signal(gather=False)
     assert signal["accuracy_last_fifth"] == 0.75 and not signal["no_signal"]
     assert signal["accuracy_by_start"]["999"] == 1.0 and signal["accuracy_by_start"]["249"] == 0.5
