@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_sdxl.data.coco import CocoCaptionsDataset
+from lightning_sdxl.data.filters import SampleFilters
 from lightning_sdxl.data.folder import BadSample, FolderDataset
 from lightning_sdxl.data.manifest import ManifestDataset
 from lightning_sdxl.data.prompts import PromptDataset
@@ -113,6 +114,7 @@ class FolderDataModule(L.LightningDataModule):
             (fewer if the folder holds fewer); their seeds are 0, 1, ...
         seed: seed of the training shuffle.
         dataset: a ready dataset with the same contract and a `caption(i)` (subclasses).
+        filters: `SampleFilters` settings (data/filters.py): min_side, min_sharpness, clean_captions.
     """
 
     def __init__(
@@ -124,12 +126,14 @@ class FolderDataModule(L.LightningDataModule):
         num_val_prompts: int = 8,
         seed: int = 0,
         dataset: Dataset | None = None,
+        filters: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["dataset"])
         if num_val_prompts < 1:
             raise ValueError(f"need num_val_prompts >= 1, got {num_val_prompts}")
         self.dataset = dataset if dataset is not None else FolderDataset(root, resolution)
+        self.dataset.filters = SampleFilters(**(filters or {}))
         if len(self.dataset) < batch_size:
             raise ConfigError(
                 f"the data holds {len(self.dataset)} images, fewer than one batch (data.batch_size={batch_size}): "
@@ -186,11 +190,12 @@ class CocoCaptionsDataModule(FolderDataModule):
         num_val_prompts: int = 8,
         seed: int = 0,
         max_captions: int | None = None,
+        filters: dict | None = None,
     ) -> None:
         super().__init__(
             root=None, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
             num_val_prompts=num_val_prompts, seed=seed,
-            dataset=CocoCaptionsDataset(captions_file, image_root, resolution, max_captions),
+            dataset=CocoCaptionsDataset(captions_file, image_root, resolution, max_captions), filters=filters,
         )
 
 
@@ -216,9 +221,10 @@ class ManifestDataModule(FolderDataModule):
         image_column: str = "image",
         caption_column: str = "caption",
         image_root: str | None = None,
+        filters: dict | None = None,
     ) -> None:
         dataset = ManifestDataset(manifest, resolution, image_column, caption_column, image_root)
         super().__init__(
             root=None, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
-            num_val_prompts=num_val_prompts, seed=seed, dataset=dataset,
+            num_val_prompts=num_val_prompts, seed=seed, dataset=dataset, filters=filters,
         )

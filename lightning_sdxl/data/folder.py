@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +9,14 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from lightning_sdxl.data.bad_samples import BadSample, SkipsBadSamples
+from lightning_sdxl.data.filters import SampleFilters
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
 MAX_LISTED = 5
 # A side longer than MAX_ASPECT x the short one is centre-cropped before resizing: a 4000 x 4 image
 # would otherwise be resized to 1024 x 1,024,000 (3.9 GiB) only to keep its centre.
 MAX_ASPECT = 4
-# Unreadable items in a row before the run stops (one bad file among millions is skipped).
-MAX_BAD_IN_A_ROW = 100
-
-log = logging.getLogger(__name__)
-
-
-class BadSample(ValueError):
-    """An item that cannot be read (truncated or corrupt image, non-UTF-8 caption): skipped."""
 
 
 def read_caption(path: Path) -> str:
@@ -33,25 +27,6 @@ def read_caption(path: Path) -> str:
         raise BadSample(f"{path}: the caption is not UTF-8 ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
     except OSError as error:
         raise BadSample(f"{path}: the caption cannot be read ({error})") from None
-
-
-class SkipsBadSamples:
-    """Mixin for map-style datasets: `__getitem__` skips unreadable items (`load_item` raises
-    BadSample) to the next index, logs each with its file and counts them (`skipped`, per process)."""
-
-    skipped = 0
-
-    def load_item(self, i: int) -> dict:
-        raise NotImplementedError
-
-    def __getitem__(self, i: int) -> dict:
-        for attempt in range(MAX_BAD_IN_A_ROW):
-            try:
-                return self.load_item((i + attempt) % len(self))
-            except BadSample as error:
-                type(self).skipped += 1
-                log.warning("Skipped a bad sample (%d so far in this process): %s", type(self).skipped, error)
-        raise RuntimeError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {i}: check the data.")
 
 
 def resize_and_center_crop(image: Image.Image, resolution: int) -> tuple[Image.Image, int, int]:
@@ -86,6 +61,7 @@ class CaptionedItems(SkipsBadSamples, Dataset):
 
     items: list[tuple[Path, str]]
     resolution: int
+    filters: SampleFilters | None = None  # the datamodule sets data.filters; None: keep everything
 
     def __len__(self) -> int:
         return len(self.items)
@@ -97,7 +73,9 @@ class CaptionedItems(SkipsBadSamples, Dataset):
         path, caption = self.items[i]
         if not path.is_file():
             raise BadSample(f"{path}: listed but not found")
-        return captioned_image(path, caption, self.resolution)
+        if self.filters is not None:
+            caption = self.filters.caption(caption, path)
+        return captioned_image(path, caption, self.resolution, self.filters)
 
 
 class FolderDataset(SkipsBadSamples, Dataset):
@@ -111,6 +89,8 @@ class FolderDataset(SkipsBadSamples, Dataset):
         FileNotFoundError: `root` is missing, holds no images, or some images lack a caption.
         NotADirectoryError: `root` is a file.
     """
+
+    filters: SampleFilters | None = None  # the datamodule sets data.filters; None: keep everything
 
     def __init__(self, root: str | Path, resolution: int) -> None:
         self.root = Path(root)
@@ -160,10 +140,13 @@ class FolderDataset(SkipsBadSamples, Dataset):
         return read_caption(self._caption_path(self.images[i]))
 
     def load_item(self, i: int) -> dict:
-        return captioned_image(self.images[i], self.caption(i), self.resolution)
+        caption = self.caption(i)
+        if self.filters is not None:
+            caption = self.filters.caption(caption, self._caption_path(self.images[i]))
+        return captioned_image(self.images[i], caption, self.resolution, self.filters)
 
 
-def captioned_image(path: Path, caption: str, resolution: int) -> dict:
+def captioned_image(path: Path, caption: str, resolution: int, filters: SampleFilters | None = None) -> dict:
     """A training item (the data contract): the R x R centre crop in [-1, 1], its caption, and the
     original size and crop offset for SDXL's micro-conditioning. BadSample when it cannot be read."""
     try:
@@ -171,6 +154,8 @@ def captioned_image(path: Path, caption: str, resolution: int) -> dict:
             image = ImageOps.exif_transpose(file).convert("RGB")  # upright; CMYK, alpha, grey -> RGB
     except (OSError, ValueError, Image.DecompressionBombError) as error:  # truncated, corrupt, not an image
         raise BadSample(f"{path}: {type(error).__name__}: {error}") from None
+    if filters is not None:
+        filters.image(image, path)  # Filtered (skipped and counted) when a filter drops it
     w, h = image.size
     crop, top, left = resize_and_center_crop(image, resolution)
     pixels = np.asarray(crop).transpose(2, 0, 1).astype(np.float32, order="C")  # (3, R, R)
