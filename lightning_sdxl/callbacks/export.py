@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_sdxl.export import export_student
+from lightning_sdxl.export import INFO_FILE, export_student
 
 
 def write_export(module: L.LightningModule, dirpath: Path, dtype: torch.dtype, single_file: bool) -> None:
@@ -49,7 +49,7 @@ class ExportCallback(L.Callback):
         last step (export_info.json, written last, says which step)."""
         if not trainer.is_global_zero or trainer.max_steps < 0 or trainer.global_step < trainer.max_steps:
             return
-        info = self.dirpath / "export_info.json"
+        info = self.dirpath / INFO_FILE
         if self.exported_at == trainer.global_step or (
             info.is_file() and json.loads(info.read_text()).get("global_step") == trainer.global_step
         ):

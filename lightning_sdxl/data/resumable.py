@@ -55,6 +55,7 @@ class ResumableSampler(Sampler[int]):
         else:
             order = torch.arange(self.size)
         mine = order[self.rank : self.per_rank_batches * self.batch_size * self.world_size : self.world_size]
-        skip = self.skip_batches * self.batch_size if self.epoch == self.resume_epoch else 0
-        self.skip_batches = 0 if self.epoch == self.resume_epoch else self.skip_batches
+        skip = 0
+        if self.epoch == self.resume_epoch:  # only the first pass over the resumed epoch skips
+            skip, self.skip_batches = self.skip_batches * self.batch_size, 0
         return iter(mine[skip:].tolist())
