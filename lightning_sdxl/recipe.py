@@ -51,6 +51,7 @@ from lightning_sdxl.export import (
 from lightning_sdxl.io import atomic_dir, atomic_path
 from lightning_sdxl.lora_extract import extract_to_folder
 from lightning_sdxl.models.tiny import ensure_tiny_sdxl
+from lightning_sdxl.run_config import override_key
 from lightning_sdxl.train import train
 
 log = logging.getLogger(__name__)
@@ -204,10 +205,10 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
 
 
 def _user_overrides(overrides: list[str]) -> list[str]:
-    def key(override: str) -> str:
-        return override.split("=", 1)[0].lstrip("+~")
-
-    return [o for o in overrides if key(o) not in PHASE_KEYS and not key(o).startswith(RECIPE_PREFIXES)]
+    return [
+        o for o in overrides
+        if override_key(o) not in PHASE_KEYS and not override_key(o).startswith(RECIPE_PREFIXES)
+    ]
 
 
 def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Callback] = ()) -> Path:

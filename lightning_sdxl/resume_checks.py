@@ -56,11 +56,11 @@ def check_resume(cfg: DictConfig) -> None:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
     except Exception as error:  # a truncated or foreign file
         raise ConfigError(f"ckpt_path={path} is not a readable Lightning checkpoint ({type(error).__name__}).") from error
+    configured = {key: OmegaConf.select(cfg, config_key, default=None) for key, config_key in MUST_MATCH.items()}
     clashes = [
-        f"{key}={saved[key]} (this config: {config_key}={OmegaConf.select(cfg, config_key)})"
-        for key, config_key in MUST_MATCH.items()
-        if key in saved and OmegaConf.select(cfg, config_key, default=None) is not None
-        and saved[key] != OmegaConf.select(cfg, config_key)
+        f"{key}={saved[key]} (this config: {MUST_MATCH[key]}={value})"
+        for key, value in configured.items()
+        if key in saved and value is not None and saved[key] != value
     ]
     if clashes:
         raise ConfigError(

@@ -16,7 +16,8 @@ from lightning_sdxl.io import atomic_path
 RUN_OVERRIDES, RESUMES = "run_overrides.yaml", "resumes.yaml"
 
 
-def _key(override: str) -> str:
+def override_key(override: str) -> str:
+    """The config key a command-line override sets (`+a.b=1`, `~a.b` -> `a.b`)."""
     return override.split("=", 1)[0].lstrip("+~")
 
 
@@ -24,10 +25,10 @@ def overrides_for(output_dir: str | Path, overrides: list[str]) -> list[str]:
     """The overrides to compose: a resume (`ckpt_path` given) of a run that recorded its own gets
     those first, then this command's; anything else is returned unchanged."""
     recorded = Path(output_dir) / RUN_OVERRIDES
-    resuming = any(_key(o) == "ckpt_path" for o in overrides)
+    resuming = any(override_key(o) == "ckpt_path" for o in overrides)
     if not resuming or not recorded.is_file():
         return list(overrides)
-    original = [o for o in yaml.safe_load(recorded.read_text()) or [] if _key(o) != "ckpt_path"]
+    original = [o for o in yaml.safe_load(recorded.read_text()) or [] if override_key(o) != "ckpt_path"]
     return original + list(overrides)
 
 

@@ -47,6 +47,7 @@ from lightning_sdxl.io import atomic_path
 from lightning_sdxl.metrics.sharpness import HighFrequencyRatio
 from lightning_sdxl.module import CHANCE_BAND
 from lightning_sdxl.recipe import CONF_DIR, compose_train_config, stage_config
+from lightning_sdxl.run_config import override_key
 
 log = logging.getLogger(__name__)
 ARMS = {"adversarial": "uncond_adv", "mse": "mse", "mse_adv": "mse_adv"}  # arm -> loss
@@ -155,10 +156,6 @@ def no_adversarial_signal(accuracy: float | None) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Training and scoring
-
-
-def override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def run_overrides(stage: str, arm: str, seed: int, steps: int) -> list[str]:
