@@ -64,6 +64,7 @@ def validate_config(cfg: DictConfig) -> None:
         cfg.prediction.type is None or cfg.prediction.type in PREDICTIONS,
         f"prediction.type={cfg.prediction.type}: choose one of {sorted(PREDICTIONS)} or prediction=teacher.",
     )
+    _check_accelerator(cfg.trainer)
     _require(cfg.steps >= 1, f"steps={cfg.steps}: train for at least 1 batch.")
     _require(cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size}: give at least 1 image per batch.")
     _require(cfg.student.lr > 0, f"student.lr={cfg.student.lr} must be > 0.")
@@ -164,6 +165,18 @@ def validate_config(cfg: DictConfig) -> None:
         _check_discriminator_fits(cfg)
     check_resume(cfg)
     _check_loggers(cfg)
+
+
+def _check_accelerator(trainer: DictConfig) -> None:
+    """trainer=gpu / ddp / fsdp on a machine without a GPU: say so before the models load (Lightning
+    would stop after loading them with "No supported gpu backend found")."""
+    import torch
+
+    if str(trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={trainer.accelerator} but no GPU is visible on this machine; add "
+            "trainer.accelerator=cpu (with trainer.devices=N for N processes), or run on a GPU node."
+        )
 
 
 def _check_loggers(cfg: DictConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -18,7 +19,8 @@ class NonFiniteTrainingError(RuntimeError):
 
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     """Whether every given tensor (None skipped) holds only finite numbers (this rank)."""
-    checks = [torch.isfinite(t).all() for t in tensors if t is not None]
+    # A sharded (DTensor) weight or gradient is checked on this rank's shard; callers reduce over ranks.
+    checks = [torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all() for t in tensors if t is not None]
     return bool(torch.stack(checks).all()) if checks else True
 
 

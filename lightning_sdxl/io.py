@@ -96,13 +96,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             if file.is_file() and not file.is_symlink():
                 normal_permissions(file)
         check_replaceable(path)
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        if path.exists():
-            os.replace(path, old)
-        os.replace(temporary, path)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(temporary, path)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def swap_into_place(temporary: Path, path: Path) -> None:
+    """Replace `path` (a file, a folder or nothing) by the complete `temporary` folder: the old one is
+    renamed aside, the new one renamed in, then the old one removed."""
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    if path.exists():
+        os.replace(path, old)
+    os.replace(temporary, path)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists():
+        old.unlink()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

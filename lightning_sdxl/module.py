@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import hydra
@@ -32,6 +33,7 @@ from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeache
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
 from lightning_sdxl.plain_config import plain_config
+from lightning_sdxl.sharding import FullyShardedStrategy, is_sharded
 from lightning_sdxl.steps import to_batches
 
 # A phase whose discriminator accuracy over its last fifth stays within CHANCE_BAND of 0.5 carried
@@ -222,6 +224,22 @@ class DistillationModule(L.LightningModule):
 
     # ---- training ------------------------------------------------------------------------------
 
+    def configure_model(self) -> None:
+        """Under `trainer=fsdp`, shard the student and discriminator (sharding.py); else nothing."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FullyShardedStrategy) and not is_sharded(self.pair.unet):
+            strategy.shard(self)
+
+    def trains_only(self, optimizer):
+        """Only `optimizer`'s weights take gradients from the block: Lightning's `toggled_optimizer`
+        (the others' requires_grad off, their gradients never computed); under FSDP2, where a weight
+        toggled off stays off for good (docs/MEASUREMENTS.md "Sharding"), the others' gradients are
+        computed and then thrown away, their accumulated ones restored (`_keeping_gradients`)."""
+        if not is_sharded(self.pair.unet):
+            return self.toggled_optimizer(optimizer)
+        others = [p for o in self._as_list(self.optimizers()) if o is not optimizer for g in o.param_groups for p in g["params"]]
+        return _keeping_gradients(others)
+
     @property
     def optimizers_per_batch(self) -> int:
         return 2 if self.adversarial else 1
@@ -273,7 +291,7 @@ class DistillationModule(L.LightningModule):
         the discriminator warm-up). D's weights are toggled off before its forward, so their
         gradients are never computed."""
         generator = self._as_list(self.optimizers())[0]
-        with self.toggled_optimizer(generator):
+        with self.trains_only(generator):
             loss = mse_loss(jump.x_next_fake, jump.x_next_real) if self.loss_kind.regression else None
             if self.adversarial and self.batches_trained >= self.hparams.discriminator_warmup:
                 (logits_fake,) = self.discriminator.judge(jump.x_t, jump.t, [x_fake], t_judge, jump.condition)
@@ -287,7 +305,7 @@ class DistillationModule(L.LightningModule):
     def discriminator_phase(self, jump: Jump, x_real, x_fake, t_judge, batch_idx: int) -> None:
         """Discriminator step: real and fake in one batch, d(x_t) computed once (METHOD.md 3)."""
         discriminator = self._as_list(self.optimizers())[1]
-        with self.toggled_optimizer(discriminator):
+        with self.trains_only(discriminator):
             logits_real, logits_fake = self.discriminator.judge(
                 jump.x_t, jump.t, [x_real, x_fake], t_judge, jump.condition
             )
@@ -372,7 +390,7 @@ class DistillationModule(L.LightningModule):
 
     def _optimizer_step(self, index: int, loss: torch.Tensor | None, name: str, batch_idx: int) -> None:
         """Backward for optimizer `index`; every `accumulate_grad_batches` batches clip, step and
-        advance its LR schedule. Called inside `toggled_optimizer` of that optimizer.
+        advance its LR schedule. Called inside `trains_only` of that optimizer.
 
         loss=None (the discriminator warm-up) steps without gradients: Adam leaves the weights as
         they are, and `global_step` still advances, so the step convention holds. A non-finite loss
@@ -475,3 +493,17 @@ class DistillationModule(L.LightningModule):
                 f"The checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[:3]}): "
                 "it was written for another student or loss; resume with the same stage, loss and student."
             )
+
+
+@contextmanager
+def _keeping_gradients(parameters: list[torch.Tensor]):
+    """The parameters' gradients after the block are those before it (what the block computes into
+    them is dropped); gradients accumulated over earlier batches survive."""
+    saved = [parameter.grad for parameter in parameters]
+    for parameter in parameters:
+        parameter.grad = None
+    try:
+        yield
+    finally:
+        for parameter, grad in zip(parameters, saved):
+            parameter.grad = grad

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_sdxl.errors import ConfigError, MissingPathError
+from lightning_sdxl.sharding import SHARDED_METADATA, is_sharded_checkpoint
 
 # Checkpoint hyperparameter -> the config key that sets it (DistillationModule's arguments).
 MUST_MATCH = {
@@ -42,7 +43,7 @@ def resume_checkpoint(cfg: DictConfig) -> Path | None:
             f"ckpt_path={ckpt_path} is remote: Lightning would load it with pickle; download it and give the local path."
         )
     path = Path(str(ckpt_path))
-    if not path.is_file():
+    if not (path.is_file() or is_sharded_checkpoint(path)):
         raise MissingPathError(f"ckpt_path={ckpt_path} does not exist: give a .ckpt of this run, or ckpt_path=last.")
     return path
 
@@ -52,8 +53,10 @@ def check_resume(cfg: DictConfig) -> None:
     path = resume_checkpoint(cfg)
     if path is None:
         return
+    # trainer=fsdp writes a folder of shards with the hyperparameters in its metadata file.
+    source = path / SHARDED_METADATA if is_sharded_checkpoint(path) else path
     try:  # mmap: only the small hyperparameter dict is read, not the weights
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        saved = torch.load(source, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
     except Exception as error:  # a truncated or foreign file
         raise ConfigError(f"ckpt_path={path} is not a readable Lightning checkpoint ({type(error).__name__}).") from error
     configured = {key: OmegaConf.select(cfg, config_key, default=None) for key, config_key in MUST_MATCH.items()}

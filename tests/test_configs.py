@@ -27,6 +27,7 @@ from PIL import Image
 from lightning_sdxl.config_checks import ConfigError, validate_config
 from lightning_sdxl.metrics import MissingMetricWeights
 from lightning_sdxl.models.loading import check_pipeline_folder
+from lightning_sdxl.sharding import FullyShardedStrategy
 from lightning_sdxl.train import build_trainer, instantiate_callbacks, instantiate_loggers, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +137,10 @@ def test_experiment_presets_validate_as_given(group, name, tiny_sdxl_path, image
         *_required_overrides(group, name, tiny_sdxl_path, image_root),
     ]
     cfg = compose_config(overrides, tmp_path / "run", shrink=False)
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no GPU is visible"):  # the GPU presets, on a CPU machine
+            validate_config(cfg)
+        cfg = compose_config([*overrides, "trainer.accelerator=cpu"], tmp_path / "run", shrink=False)
     validate_config(cfg)
     raw = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
     for key in ("steps", "experiment_name"):
@@ -252,6 +257,9 @@ def test_trainer_files_build(group, name, make_config):
     assert trainer.val_check_interval == cfg.validation.every_n_steps
     if strategy == "auto":
         assert isinstance(trainer.strategy, SingleDeviceStrategy)
+    elif "_target_" in strategy:  # fsdp: the project's FullyShardedStrategy with the file's options
+        assert isinstance(trainer.strategy, FullyShardedStrategy)
+        assert trainer.strategy.param_dtype == torch.bfloat16 and trainer.strategy.activation_checkpointing
     else:
         assert isinstance(trainer.strategy, DDPStrategy) and strategy.startswith("ddp")
         if "find_unused_parameters_true" in strategy:
@@ -536,3 +544,12 @@ def test_cli_unknown_choice_names_the_options(tmp_path):
     assert "Could not find 'loss/foo'" in result.stderr
     for name in GROUPS["loss"]:
         assert name in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("trainer", ["trainer.accelerator=gpu", "trainer=fsdp"])
+def test_gpu_trainer_without_a_gpu_fails_before_any_model_loads(trainer, no_model_loads, tmp_path):
+    overrides = [o for o in CPU_OVERRIDES if not o.startswith("trainer=")] + [trainer]
+    with pytest.raises(ConfigError, match="no GPU is visible") as raised:
+        train(compose_config(overrides, tmp_path / "run", shrink=False))
+    assert "trainer.accelerator=cpu" in str(raised.value)

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from lightning_sdxl.export import INFO_FILE, export_student
+from lightning_sdxl.sharding import gathered_for_export
 
 
 def write_export(module: L.LightningModule, dirpath: Path, dtype: torch.dtype, single_file: bool) -> None:
@@ -39,20 +40,22 @@ class ExportCallback(L.Callback):
         self.exported_at: int | None = None  # the global step of this process's last export
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            write_export(pl_module, self.dirpath, self.dtype, self.single_file)
-            self.exported_at = trainer.global_step
+        self._export(trainer, pl_module)
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every rank: sharded weights are gathered (a collective, sharding.py); rank 0 writes."""
+        with gathered_for_export(pl_module, trainer.is_global_zero):
+            if trainer.is_global_zero:
+                write_export(pl_module, self.dirpath, self.dtype, self.single_file)
+        self.exported_at = trainer.global_step
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Resuming a run that had finished training (killed during its export) skips on_train_end:
         Lightning's fit loop returns at once. Export here when the finished run has no export of its
         last step (export_info.json, written last, says which step)."""
-        if not trainer.is_global_zero or trainer.max_steps < 0 or trainer.global_step < trainer.max_steps:
+        if trainer.max_steps < 0 or trainer.global_step < trainer.max_steps or self.exported_at == trainer.global_step:
             return
         info = self.dirpath / INFO_FILE
-        if self.exported_at == trainer.global_step or (
-            info.is_file() and json.loads(info.read_text()).get("global_step") == trainer.global_step
-        ):
-            return
-        write_export(pl_module, self.dirpath, self.dtype, self.single_file)
-        self.exported_at = trainer.global_step
+        exported = info.is_file() and json.loads(info.read_text()).get("global_step") == trainer.global_step
+        if not trainer.strategy.broadcast(exported):  # rank 0's file decides for every rank
+            self._export(trainer, pl_module)

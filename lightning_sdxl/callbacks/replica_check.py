@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class ReplicaConsistencyCheck(L.Callback):
@@ -23,7 +24,10 @@ class ReplicaConsistencyCheck(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size == 1:
             return
-        parameters = [p.detach().float() for p in pl_module.parameters() if p.requires_grad]
+        # Sharded weights (trainer=fsdp) exist once, split over ranks: nothing to compare.
+        parameters = [p.detach().float() for p in pl_module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+        if not parameters:
+            return
         checksum = torch.stack([torch.stack([p.sum(), p.abs().sum()]) for p in parameters]).sum(0)
         gathered = pl_module.all_gather(checksum)  # (world_size, 2)
         spread = (gathered - gathered[0]).abs().max().item()

@@ -477,7 +477,8 @@ class Discriminator(nn.Module):
             start_features = start_features.repeat(k, 1, 1, 1)  # (k B, C_mid, h, w)
         else:
             start_features, next_features = None, features
-        return list(self.logits(next_features, start_features).split(batch))  # k x (B,)
+        # Copies, not views of one tensor: FSDP2 hooks a module's outputs for backward (trainer=fsdp).
+        return [logits.clone() for logits in self.logits(next_features, start_features).split(batch)]  # k x (B,)
 
     # Calling the module is judging (wrappers that hook `forward` see the whole discriminator).
     forward = judge
