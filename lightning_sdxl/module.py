@@ -259,11 +259,12 @@ class DistillationModule(L.LightningModule):
         path = self.grid.draw(len(x0)).to(self.device)  # (n + 1, B): t, teacher substeps, t'
         t, t_next = path[0], path[-1]
         x_t = self.schedule.forward_process(x0, torch.randn_like(x0), t)  # (B, 4, R/f, R/f)
-        # Teacher target: n frozen steps from t to t' (step 3).
-        x_next_real = solve(
-            self.pair.teacher, self.schedule, self.teacher_prediction, x_t, path, condition,
-            self.uncondition(condition), self.hparams.guidance_scale,
-        )
+        # Teacher target: n frozen steps from t to t' (step 3), adapters toggled once for all n.
+        with self.pair.teacher_mode():
+            x_next_real = solve(
+                self.pair.teacher, self.schedule, self.teacher_prediction, x_t, path, condition,
+                self.uncondition(condition), self.hparams.guidance_scale,
+            )
         # Student: one jump from t to t' (step 4).
         u = self.pair.student(x_t, t, condition)
         x_next_fake = move(self.schedule, self.student_prediction, x_t, u, t, t_next)
@@ -294,7 +295,9 @@ class DistillationModule(L.LightningModule):
         with self.trains_only(generator):
             loss = mse_loss(jump.x_next_fake, jump.x_next_real) if self.loss_kind.regression else None
             if self.adversarial and self.batches_trained >= self.hparams.discriminator_warmup:
-                (logits_fake,) = self.discriminator.judge(jump.x_t, jump.t, [x_fake], t_judge, jump.condition)
+                (logits_fake,) = self.discriminator.judge(
+                    jump.x_t, jump.t, [x_fake], t_judge, jump.condition, start_gradient=False
+                )
                 adversarial = generator_loss(logits_fake)
                 if loss is not None:  # mse_adv: MSE + lambda x adversarial (METHOD.md 7)
                     self.log("loss/generator_adversarial", adversarial.detach())
@@ -326,12 +329,13 @@ class DistillationModule(L.LightningModule):
             },
             sync_dist=True,
         )
-        # Per start timestep t (rank-local, logged where the batch has one): with multi-timestep
-        # training only some starts leave a gap D can see (docs/MEASUREMENTS.md, "D's signal by start").
-        for start in jump.t.unique().tolist():
-            chosen = jump.t == start
-            accuracy = ((correct_real[chosen] + correct_fake[chosen]) / 2).mean()
-            self.log(f"discriminator/accuracy_from_t{start}", accuracy)
+        self.log_accuracy_by_start(jump.t, (correct_real + correct_fake) / 2)
+
+    def log_accuracy_by_start(self, t: torch.Tensor, correct: torch.Tensor) -> None:
+        """Per start timestep t (rank-local, logged where the batch has one): with multi-timestep
+        training only some starts leave a gap D can see (docs/MEASUREMENTS.md, "D's signal by start")."""
+        for start in t.unique().tolist():
+            self.log(f"discriminator/accuracy_from_t{start}", correct[t == start].mean())
 
     def _conditioning_fakes(self, x_t, t, x_real, t_judge, condition) -> list[torch.Tensor]:
         """Logits of the real x_{t'} judged with another sample's caption [and x_t, conditional D]:
@@ -450,10 +454,11 @@ class DistillationModule(L.LightningModule):
         condition = self.condition(prompts)
         noise = self.initial_noise(seeds)
         if model == "teacher":
-            return sample(
-                self.pair.teacher, self.schedule, self.teacher_prediction, noise, num_steps,
-                condition, self.uncondition(condition), self.hparams.guidance_scale,
-            )
+            with self.pair.teacher_mode():
+                return sample(
+                    self.pair.teacher, self.schedule, self.teacher_prediction, noise, num_steps,
+                    condition, self.uncondition(condition), self.hparams.guidance_scale,
+                )
         return sample(self.pair.student, self.schedule, self.student_prediction, noise, num_steps, condition)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

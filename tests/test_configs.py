@@ -553,3 +553,13 @@ def test_gpu_trainer_without_a_gpu_fails_before_any_model_loads(trainer, no_mode
     with pytest.raises(ConfigError, match="no GPU is visible") as raised:
         train(compose_config(overrides, tmp_path / "run", shrink=False))
     assert "trainer.accelerator=cpu" in str(raised.value)
+
+
+def test_slurm_launcher_composes_with_the_run(tmp_path):
+    """hydra/launcher=slurm: the submitit launcher asks for trainer.num_nodes nodes, one task per GPU."""
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "trainer=fsdp", "trainer.num_nodes=2"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert hydra.utils.get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 8, 8, "gpu")

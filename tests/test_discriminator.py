@@ -133,6 +133,24 @@ def test_judge_equals_separate_features_and_logits(unet, conditional):
     assert conditional != torch.allclose(l_other_start, l_fake_only)
 
 
+@pytest.mark.parametrize("conditional", [True, False])
+def test_generator_judgement_without_start_gradient_is_the_same_maths(unet, conditional):
+    """The generator step's lean judge (d(x_t) apart, no graph) gives the same logits and the same
+    gradient into the fake as the batched one, and no gradient path into x_t."""
+    disc = Discriminator.from_unet(unet, conditional=conditional).eval().requires_grad_(False)
+    x_t, c = latents(0), make_condition()
+    t, t_next = torch.tensor([999, 700]), torch.tensor([750, 500])
+    results = []
+    for start_gradient in (True, False):
+        fake = latents(2).requires_grad_(True)
+        (logits,) = disc.judge(x_t, t, [fake], t_next, c, start_gradient=start_gradient)
+        logits.square().sum().backward()
+        results.append((logits.detach(), fake.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-4)
+    assert results[1][1].abs().sum() > 0
+
+
 def test_head_input_channels(unet):
     conditional = Discriminator.from_unet(unet, conditional=True)
     unconditional = Discriminator.from_unet(unet, conditional=False)

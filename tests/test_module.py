@@ -100,6 +100,34 @@ def test_teacher_output_is_unchanged_by_training(make_config, tiny_sdxl_path):
     assert not torch.allclose(module.generate(["a red circle", "a blue square"], seeds, "student", 2), student_before)
 
 
+def test_a_teacher_solve_toggles_the_adapters_once_with_the_same_target(make_config, tiny_sdxl_path, monkeypatch):
+    """stage=8to4: 2 teacher calls per jump. peft walks every module per toggle (SDXL: 9,810)."""
+    module, _ = build_module(make_config, tiny_sdxl_path, "stage=8to4", "student.lr=1e-2")
+    with torch.no_grad():
+        for parameter in module.pair.trainable_parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))  # a student unlike its teacher
+    x0, condition = torch.randn(2, 4, 8, 8), module.condition(["a red circle", "a blue square"])
+    calls = []
+    disable = module.pair.unet.disable_adapters
+    monkeypatch.setattr(module.pair.unet, "disable_adapters", lambda: (calls.append(1), disable())[1])
+    torch.manual_seed(0)
+    jump = module.jump(x0, condition)
+    assert len(calls) == 1
+    with torch.no_grad():  # the adapters are back on: the student is not the teacher
+        t = torch.tensor([999, 999])
+        assert not torch.allclose(module.pair.student(x0, t, condition), module.pair.teacher(x0, t, condition))
+    calls.clear()
+    # The same target as one toggle per call (each teacher call on its own), from the same draw.
+    torch.manual_seed(0)
+    path = module.grid.draw(2)
+    x_t = module.schedule.forward_process(x0, torch.randn_like(x0), path[0])
+    assert torch.equal(x_t, jump.x_t)
+    from lightning_sdxl.diffusion.solver import solve
+
+    expected = solve(module.pair.teacher, module.schedule, module.teacher_prediction, x_t, path, condition)
+    assert len(calls) == 2 and torch.equal(expected, jump.x_next_real)  # one toggle per teacher call
+
+
 def test_renoising_applies_only_where_the_jump_ends_clean(make_config, tiny_sdxl_path):
     module, _ = build_module(make_config, tiny_sdxl_path, "stage=2to1", "loss=uncond_adv")
     x_real, x_fake = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)

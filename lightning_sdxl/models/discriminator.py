@@ -436,6 +436,7 @@ class Discriminator(nn.Module):
         candidates: list[torch.Tensor],
         t_next: torch.Tensor | int,
         condition: SDXLCondition,
+        start_gradient: bool = True,
     ) -> list[torch.Tensor]:
         """Logits for each candidate x_{t'} (e.g. [real, fake]) in one backbone forward.
 
@@ -449,6 +450,10 @@ class Discriminator(nn.Module):
             candidates: k tensors (B, 4, H, W), each an x_{t'} to judge.
             t_next: scalar or (B,) timesteps t' of the candidates.
             condition: the conditioning, batch B.
+            start_gradient: False when nothing needs a gradient through d(x_t, t, c) (the generator
+                step: x_t does not depend on the student and D's weights are frozen). d(x_t) then runs
+                apart, without a graph, instead of in the batch whose backward would carry input
+                gradients for its rows (3.2 TFLOPs per sample at 1024 px, `benchmarks/step.py`).
 
         Returns:
             k tensors of (B,) logits, in the order of `candidates`.
@@ -461,7 +466,8 @@ class Discriminator(nn.Module):
         t_next = _batch_timesteps(t_next, batch, device)  # (B,)
         samples = list(candidates)  # k x (B, 4, H, W), each an x_{t'}
         timesteps = [t_next] * k
-        if self.conditional:
+        start_apart = self.conditional and not start_gradient
+        if self.conditional and start_gradient:
             samples.insert(0, x_t)
             timesteps.insert(0, _batch_timesteps(t, batch, device))
         n = len(samples)
@@ -470,13 +476,18 @@ class Discriminator(nn.Module):
             torch.cat(timesteps),  # (n B,)
             condition.repeat(n),
         )  # (n B, C_mid, h, w)
-        if self.conditional:
+        if start_apart:
+            with torch.no_grad():
+                start_features = self.backbone(x_t, _batch_timesteps(t, batch, device), condition)  # (B, C_mid, h, w)
+            next_features = features
+        elif self.conditional:
             start_features = features[:batch]  # (B, C_mid, h, w) d(x_t, t, c)
             next_features = features[batch:]  # (k B, C_mid, h, w) d(x_{t'}, t', c)
-            # One head call over all candidates, each paired with the shared d(x_t, t, c).
-            start_features = start_features.repeat(k, 1, 1, 1)  # (k B, C_mid, h, w)
         else:
             start_features, next_features = None, features
+        if start_features is not None:
+            # One head call over all candidates, each paired with the shared d(x_t, t, c).
+            start_features = start_features.repeat(k, 1, 1, 1)  # (k B, C_mid, h, w)
         # Copies, not views of one tensor: FSDP2 hooks a module's outputs for backward (trainer=fsdp).
         return [logits.clone() for logits in self.logits(next_features, start_features).split(batch)]  # k x (B,)
 

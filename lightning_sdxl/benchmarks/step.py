@@ -1,0 +1,329 @@
+"""FLOPs of the real training step on SDXL's architecture beside the method's minimum.
+
+    python -m lightning_sdxl.benchmarks.step [--resolution 1024] [--model sdxl|tiny]
+
+For every stage and phase of the recipe (METHOD.md 2: 128to32 MSE; then per stage a conditional
+adversarial LoRA, an unconditional adversarial LoRA and an unconditional adversarial full-UNet
+phase), the module is built from the same Hydra config `train.py` composes (`experiment=sdxl
+stage=... loss=... student=...`), with SDXL's modules on the meta device (no weights, no data:
+`models/sdxl_architecture.py`), and one `training_step` is counted with torch's FlopCounterMode.
+
+The method's minimum per sample, each term counted the same way on the same modules:
+    teacher   n frozen UNet forwards (x 2 with CFG), no graph;
+    student   one UNet forward and its backward into the trainable weights;
+    D         (adversarial) one forward of the backbone and head over the distinct rows
+              (x_t when conditional, the teacher's x_t', the student's x_t'), the backward of D's
+              loss into D's weights over those rows, and the generator's backward through the
+              backbone into the student's rows only (no weight gradients).
+Latents and text embeddings are taken as cached (a latent cache makes the VAE encoder and text
+encoders free), so the real step's VAE encode and text encoding count as excess. Gradient
+checkpointing's recomputation counts as excess too: it is a memory trade.
+
+Prints a table of TFLOPs per sample and their ratio; the last line reads
+`max FLOPs ratio to the method's minimum: X.XX`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager
+from unittest import mock
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_sdxl.losses import discriminator_loss
+
+# The recipe's phases (METHOD.md 2): (stage, loss, student).
+PHASES = [("128to32", "mse", "lora")] + [
+    (stage, loss, student)
+    for stage in ("32to8", "8to4", "4to2", "2to1")
+    for loss, student in (("cond_adv", "lora"), ("uncond_adv", "lora"), ("uncond_adv", "full"))
+]
+
+
+def count_flops(function) -> int:
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def build_module(stage: str, loss: str, student: str, resolution: int, model: str):
+    """The DistillationModule train.py would build for this phase, on the meta device."""
+    import hydra
+
+    from lightning_sdxl.models.sdxl_architecture import meta_sdxl_components
+    from lightning_sdxl.recipe import compose_train_config
+
+    overrides = [f"stage={stage}", f"loss={loss}", f"student={student}", f"data.resolution={resolution}"]
+    if model == "sdxl":
+        # Frozen parts in float32: FLOPs do not depend on the dtype (training runs them in bf16 under autocast).
+        overrides = ["experiment=sdxl", "model.path=sdxl-architecture", "model.frozen_dtype=float32",
+                     "data.root=unused", *overrides]
+        components = meta_sdxl_components
+    else:  # the tiny model's architecture (a quick check of this script)
+        from lightning_sdxl.models.loading import load_sdxl
+        from lightning_sdxl.models.tiny import ensure_tiny_sdxl
+
+        path = str(ensure_tiny_sdxl())
+        overrides = ["model=tiny", f"model.path={path}", *overrides]
+        components = lambda: _on_meta(load_sdxl(path))
+    cfg = compose_train_config(overrides)
+    with mock.patch("lightning_sdxl.module.load_sdxl", lambda *args, **kwargs: components()):
+        module = hydra.utils.instantiate(cfg.module)
+    return module.to("meta")
+
+
+def _on_meta(components):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        setattr(components, name, getattr(components, name).to("meta"))
+    return components
+
+
+class _Optimizer:
+    def __init__(self, parameters):
+        self.param_groups = [{"params": list(parameters)}]
+
+
+@contextmanager
+def _toggled(module, optimizer):
+    """Lightning's toggled_optimizer: only `optimizer`'s weights require gradients in the block."""
+    own = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    others = [p for p in module.parameters() if p.requires_grad and id(p) not in own]
+    for parameter in others:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in others:
+            parameter.requires_grad_(True)
+
+
+@contextmanager
+def trainer_free(module, before_backward=lambda: None):
+    """Run the module's own `training_step` without a Trainer: its optimizer step is the backward
+    (no update, `before_backward` called first), logging is off, the discriminator warm-up is over."""
+    from lightning_sdxl.module import DistillationModule
+
+    optimizers = [_Optimizer(module.pair.trainable_parameters())]
+    if module.discriminator is not None:
+        optimizers.append(_Optimizer(module.discriminator.parameters()))
+
+    def optimizer_step(index, loss, name, batch_idx):
+        before_backward()
+        if loss is not None:
+            loss.backward()
+
+    with (
+        mock.patch.object(module, "optimizers", lambda: optimizers),
+        mock.patch.object(module, "trains_only", lambda optimizer: _toggled(module, optimizer)),
+        mock.patch.object(module, "_optimizer_step", optimizer_step),
+        mock.patch.object(module, "log", lambda *args, **kwargs: None),
+        mock.patch.object(module, "log_dict", lambda *args, **kwargs: None),
+        mock.patch.object(module, "log_accuracy_by_start", lambda *args: None),  # data-dependent: not on meta
+        mock.patch.object(DistillationModule, "batches_trained", property(lambda self: 1 << 30)),
+    ):
+        yield
+
+
+def meta_batch(module, batch: int, resolution: int) -> dict:
+    size = torch.tensor([[resolution, resolution]] * batch, device="meta")
+    return {
+        "pixel_values": torch.empty(batch, 3, resolution, resolution, device="meta"),
+        "prompt": ["a photo of a cat"] * batch,
+        "original_size": size,
+        "crop_top_left": torch.zeros_like(size),
+    }
+
+
+def step_flops(module, batch: int, resolution: int) -> int:
+    data = meta_batch(module, batch, resolution)
+    with trainer_free(module):
+        return count_flops(lambda: module.training_step(data, 0))
+
+
+def minimum_flops(module, batch: int) -> dict[str, int]:
+    """The method's minimum per term (module docstring), for `batch` samples."""
+    hparams = module.hparams
+    size = module.latent_size
+    x = torch.empty(batch, 4, size, size, device="meta")
+    t = torch.full((batch,), 999, device="meta")
+    condition = module.condition(["a photo of a cat"] * batch)
+    teacher_calls = (hparams.teacher_steps // hparams.student_steps) * (2 if hparams.guidance_scale > 1 else 1)
+    terms = {"teacher": teacher_calls * count_flops(lambda: module.pair.teacher(x, t, condition))}
+
+    def student_forward_backward():
+        module.pair.student(x, t, condition).float().sum().backward()
+
+    checkpointing = module.pair.unet.is_gradient_checkpointing
+    module.pair.unet.disable_gradient_checkpointing()  # its recomputation is a memory trade, not the method's
+    terms["student"] = count_flops(student_forward_backward)
+    if checkpointing:
+        module.pair.unet.enable_gradient_checkpointing()
+    if module.discriminator is None:
+        return terms
+    discriminator = module.discriminator
+    real, fake = torch.empty_like(x), torch.empty_like(x)
+
+    def forward_and_weight_backward():  # rows x_t (conditional), real, fake; inputs need no gradient
+        logits_real, logits_fake = discriminator.judge(x, t, [real, fake], t, condition)
+        discriminator_loss(logits_real, logits_fake).backward()
+
+    terms["discriminator"] = count_flops(forward_and_weight_backward)
+    # The generator's gradient through the backbone into the fake rows only, D's weights frozen; its
+    # forward is the one above (shared), so only the backward counts. The head's share is negligible.
+    discriminator.requires_grad_(False)
+    fake_rows = torch.empty_like(x).requires_grad_(True)
+    with torch.no_grad():
+        backbone_forward = count_flops(lambda: discriminator.backbone(fake_rows, t, condition))
+    through = count_flops(lambda: discriminator.backbone(fake_rows, t, condition).float().mean().backward())
+    terms["generator_through_D"] = through - backbone_forward
+    discriminator.requires_grad_(True)
+    return terms
+
+
+# ---- memory per GPU ---------------------------------------------------------------------------
+
+GB = 1e9
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """Scaled dot-product attention that saves what GPU flash / memory-efficient kernels save (q, k,
+    v, the output and one log-sum-exp per query), not the N x N matrix the meta device's math path
+    keeps. Its backward returns gradients of the right shape (values are meaningless on meta)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        with torch.no_grad():
+            out = _SDPA(query, key, value)
+        ctx.save_for_backward(query, key, value, out, query.new_empty(query.shape[:-1]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+    if attn_mask is not None or dropout_p or is_causal:
+        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+    return _FlashLikeAttention.apply(query, key, value)
+
+
+CHECKPOINTING = {  # what recomputes its block activations in backward
+    "none": (False, False),
+    "student": (True, False),  # experiment=sdxl's student.gradient_checkpointing (DDP)
+    "student + D": (True, True),  # trainer=fsdp's activation_checkpointing
+}
+
+
+def activation_bytes(module, batch: int, resolution: int, checkpointing: str) -> float:
+    """Bytes saved for backward per sample by the larger of the step's two phases (generator,
+    discriminator), as bf16 (2 bytes per element, as under bf16 autocast; norms that autocast keeps in
+    float32 are undercounted), each storage once, attention as flash kernels keep it. Weights are not
+    counted (static memory)."""
+    from lightning_sdxl.sharding import enable_activation_checkpointing
+
+    for block in module.modules():
+        if hasattr(block, "gradient_checkpointing"):
+            block.gradient_checkpointing = False
+    student, discriminator = CHECKPOINTING[checkpointing]
+    if student:
+        enable_activation_checkpointing(module.pair.unet)
+    if discriminator and module.discriminator is not None:
+        enable_activation_checkpointing(module.discriminator.backbone)
+    weights = {id(p) for p in module.parameters()}
+    seen, phases = set(), [0]
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()._cdata  # views of one tensor share it
+        if tensor.is_floating_point() and id(tensor) not in weights and storage not in seen:
+            seen.add(storage)
+            phases[-1] += tensor.untyped_storage().nbytes() // tensor.element_size() * 2
+        return tensor
+
+    def next_phase():
+        seen.clear()
+        phases.append(0)
+
+    data = meta_batch(module, batch, resolution)
+    with (
+        trainer_free(module, before_backward=next_phase),
+        mock.patch("torch.nn.functional.scaled_dot_product_attention", _flash_like_sdpa),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        module.training_step(data, 0)
+    return max(phases) / batch
+
+
+def static_bytes(module, strategy: str, gpus: int) -> float:
+    """Weights, gradients and Adam states per GPU: trainable weights in fp32 with fp32 gradients and
+    two Adam moments (16 bytes each); DDP adds its gradient buckets (4) and autocast's bf16 copies (2);
+    FSDP shards the 16 over the GPUs and gathers one block at a time in bf16 (two, with prefetch).
+    Frozen weights (teacher, VAE, text encoders) in bf16 on every GPU."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    count = sum(p.numel() for p in trainable)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    if strategy == "ddp":
+        return (16 + 4 + 2) * count + 2 * frozen
+    largest_block = max(
+        sum(p.numel() for p in block.parameters())
+        for network in (module.pair.unet, module.discriminator) if network is not None
+        for block in [*getattr(network, "down_blocks", []), *getattr(network, "up_blocks", []),
+                      *getattr(getattr(network, "backbone", None), "down_blocks", [])]
+    )
+    return 16 * count / gpus + 2 * 2 * largest_block + 2 * frozen
+
+
+def memory_table(resolution: int, model: str, gpus: int = 8) -> list[str]:
+    rows = ["| phase | strategy | checkpointing | static GB | activations GB / sample | batch 4 GB | batch 8 GB |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for stage, loss, student in (("8to4", "cond_adv", "lora"), ("2to1", "uncond_adv", "full")):
+        module = build_module(stage, loss, student, resolution, model)
+        for checkpointing in CHECKPOINTING:
+            activations = activation_bytes(module, 1, resolution, checkpointing)
+            for strategy in ("ddp", "fsdp"):
+                static = static_bytes(module, strategy, gpus)
+                name = "DDP" if strategy == "ddp" else f"FSDP x {gpus}"
+                rows.append(
+                    f"| {stage} {loss} {student} | {name} | {checkpointing} | {static / GB:.1f} | "
+                    f"{activations / GB:.2f} | {(static + 4 * activations) / GB:.1f} | {(static + 8 * activations) / GB:.1f} |"
+                )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--model", default="sdxl", choices=["sdxl", "tiny"])
+    parser.add_argument("--phases", nargs="*", default=None, help="stage:loss:student, e.g. 8to4:cond_adv:lora")
+    parser.add_argument("--skip-memory", action="store_true", help="only the FLOPs table")
+    args = parser.parse_args(argv)
+    phases = [tuple(p.split(":")) for p in args.phases] if args.phases else PHASES
+    batch, worst = 1, 0.0
+    print(f"TFLOPs per sample, {args.model} architecture at {args.resolution} px (FlopCounterMode, meta device)")
+    print("| stage | loss | student | real step | minimum | ratio | minimum's terms |")
+    print("| --- | --- | --- | ---: | ---: | ---: | --- |")
+    for stage, loss, student in phases:
+        module = build_module(stage, loss, student, args.resolution, args.model)
+        real = step_flops(module, batch, args.resolution) / batch
+        terms = {name: value / batch for name, value in minimum_flops(module, batch).items()}
+        minimum = sum(terms.values())
+        ratio = real / minimum
+        worst = max(worst, ratio)
+        detail = ", ".join(f"{name} {value / 1e12:.1f}" for name, value in terms.items())
+        print(f"| {stage} | {loss} | {student} | {real / 1e12:.1f} | {minimum / 1e12:.1f} | {ratio:.2f} | {detail} |", flush=True)
+    if not args.skip_memory:
+        print(f"\nMemory per GPU (GB), {args.model} architecture at {args.resolution} px, Adam, bf16 autocast "
+              "(static: counted from the weights; activations: saved-for-backward bytes of the real step)")
+        print("\n".join(memory_table(args.resolution, args.model)))
+    print(f"max FLOPs ratio to the method's minimum: {worst:.2f}")
+    return worst
+
+
+if __name__ == "__main__":
+    main()

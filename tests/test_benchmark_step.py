@@ -1,0 +1,27 @@
+"""The step benchmark (lightning_sdxl/benchmarks/step.py): SDXL's architecture as published, and the
+real step never cheaper than the method's minimum it is compared with."""
+
+from __future__ import annotations
+
+from lightning_sdxl.benchmarks import step
+from lightning_sdxl.models.sdxl_architecture import SDXL_PARAMETERS, meta_sdxl_components
+
+
+def test_meta_sdxl_has_the_published_parameter_counts():
+    components = meta_sdxl_components()
+    for name, expected in SDXL_PARAMETERS.items():
+        model = getattr(components, name)
+        assert sum(p.numel() for p in model.parameters()) == expected, name
+        assert all(p.is_meta for p in model.parameters())
+
+
+def test_real_step_costs_at_least_the_minimum_and_checkpointing_saves_activations(capsys):
+    worst = step.main(["--model", "tiny", "--resolution", "64", "--phases", "8to4:cond_adv:lora", "2to1:mse:full",
+                       "--skip-memory"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"max FLOPs ratio to the method's minimum: {worst:.2f}"
+    ratios = [float(line.split("|")[6]) for line in lines if line.startswith(("| 8to4", "| 2to1"))]
+    assert len(ratios) == 2 and all(ratio >= 1.0 for ratio in ratios)
+    module = step.build_module("8to4", "cond_adv", "lora", 64, "tiny")
+    none, both = (step.activation_bytes(module, 2, 64, mode) for mode in ("none", "student + D"))
+    assert 0 < both < none
