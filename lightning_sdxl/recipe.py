@@ -37,6 +37,7 @@ from hydra.core.global_hydra import GlobalHydra
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lightning_sdxl import CONF_DIR as PACKAGE_CONF_DIR
 from lightning_sdxl.config_checks import validate_config
 from lightning_sdxl.errors import ConfigError
 from lightning_sdxl.export import (
@@ -55,7 +56,7 @@ from lightning_sdxl.run_config import override_key
 from lightning_sdxl.train import train
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(PACKAGE_CONF_DIR)
 DONE = "DONE"
 BASE_LORA_DIR, RELEASES_FILE = "base_lora", "releases.json"
 # Keys each phase sets itself; the user's own values for them are dropped from the phase overrides

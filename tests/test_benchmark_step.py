@@ -3,6 +3,8 @@ real step never cheaper than the method's minimum it is compared with."""
 
 from __future__ import annotations
 
+import pytest
+
 from lightning_sdxl.benchmarks import step
 from lightning_sdxl.models.sdxl_architecture import SDXL_PARAMETERS, meta_sdxl_components
 
@@ -15,6 +17,7 @@ def test_meta_sdxl_has_the_published_parameter_counts():
         assert all(p.is_meta for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_real_step_costs_at_least_the_minimum_and_checkpointing_saves_activations(capsys):
     worst = step.main(["--model", "tiny", "--resolution", "64", "--phases", "8to4:cond_adv:lora", "2to1:mse:full",
                        "--skip-memory"])

@@ -35,7 +35,7 @@ CONF = Path(CONF_DIR)
 GROUPS = {
     folder.name: sorted(path.stem for path in folder.glob("*.yaml"))
     for folder in sorted(CONF.iterdir())
-    if folder.is_dir()
+    if folder.is_dir() and folder.name != "hydra"  # Hydra's own groups (launcher): test_slurm_launcher_*
 }
 ALL_FILES = [(group, name) for group, names in GROUPS.items() for name in names]
 FILE_IDS = [f"{group}={name}" for group, name in ALL_FILES]

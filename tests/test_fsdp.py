@@ -54,6 +54,7 @@ def initial(tiny_sdxl_path: str, keys) -> dict[str, torch.Tensor]:
     return start
 
 
+@pytest.mark.slow
 def test_fsdp_trains_as_ddp_does_and_trains_every_weight(tmp_path, tiny_sdxl_path):
     run(tmp_path / "ddp", *EXACT, *LR, "trainer=cpu")
     run(tmp_path / "fsdp", *EXACT, *LR, *FSDP)

@@ -32,8 +32,8 @@ TINY_BLOCK_OUT_CHANNELS = (32, 64)  # UNet levels; the discriminator sees R/8/2 
 TEXT_WIDTH = 32  # the default width of a toy CLIP text encoder
 # Text encoders of unequal widths, as SDXL's (768 and 1280): diffusers' single-file reader
 # (0.42.1, create_diffusers_clip_model_from_ldm) tells CLIP-L from OpenCLIP by width alone, so two
-# encoders of one width load text_encoder_2 with CLIP-L's weights from an all-in-one file. The
-# "simple" world's committed teacher predates this and has (32, 32).
+# encoders of one width load text_encoder_2 with CLIP-L's weights from an all-in-one file. Both
+# committed toy teachers are built with these widths.
 TOY_TEXT_WIDTHS = (32, 48)  # cross_attention_dim = 32 + 48
 ADDITION_TIME_EMBED_DIM = 8  # projection_class_embeddings_input_dim = 48 + 6 x 8 = 96
 

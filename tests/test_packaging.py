@@ -1,0 +1,37 @@
+"""An installed (non-editable) package carries conf/: the recipe composes its phases from it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_recipe_composes_from_an_installed_wheel(tmp_path):
+    build = [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    subprocess.run(build, check=True, capture_output=True, timeout=600)
+    wheel = next(tmp_path.glob("lightning_sdxl-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = [path.relative_to(REPO / "conf").as_posix() for path in (REPO / "conf").rglob("*.yaml")]
+    assert configs and not [c for c in configs if f"lightning_sdxl/conf/{c}" not in names]
+    site = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)]
+    subprocess.run(install, check=True, capture_output=True, timeout=600)
+    code = (
+        "import lightning_sdxl; from lightning_sdxl.recipe import compose_train_config, recipe_phases\n"
+        "cfg = compose_train_config(['experiment=toy_recipe'])\n"
+        "print(lightning_sdxl.__file__, len(recipe_phases(cfg.recipe)), cfg.model.path)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    package, phases, model_path = result.stdout.split()
+    assert package.startswith(str(site)) and model_path.startswith(str(site))  # not the checkout
+    assert int(phases) > 10
