@@ -30,7 +30,7 @@ def test_the_recipe_composes_from_an_installed_wheel(tmp_path):
         "print(lightning_sdxl.__file__, len(recipe_phases(cfg.recipe)), cfg.model.path)"
     )
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     package, phases, model_path = result.stdout.split()
     assert package.startswith(str(site)) and model_path.startswith(str(site))  # not the checkout
