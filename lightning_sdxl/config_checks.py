@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_sdxl.data.latent_cache import check_cache_fits, read_cache_info
 from lightning_sdxl.diffusion.prediction import PREDICTIONS
 from lightning_sdxl.errors import ConfigError, MissingPathError
 from lightning_sdxl.io import check_replaceable
@@ -152,6 +153,7 @@ def validate_config(cfg: DictConfig) -> None:
                 "of an earlier phase's export/ (same stage), or discriminator.init=null."
             )
     _check_data_root(cfg.data)
+    _check_cache(cfg)
     export_dir = OmegaConf.select(cfg, "callbacks.export.dirpath", throw_on_resolution_failure=False)
     if export_dir is not None:
         check_replaceable(export_dir)  # refused now, not after training (io.py: never deletes user files)
@@ -197,6 +199,14 @@ _DATA_PATHS = {
     "image_root": (True, "the folder of the images the captions file names"),
     "manifest": (False, "a CSV or parquet manifest of image paths and captions"),
 }
+
+
+def _check_cache(cfg: DictConfig) -> None:
+    """data=cached: the cache exists and was written by this model at this resolution."""
+    if str(cfg.data.get("_target_", "")).endswith("CachedDataModule"):
+        # The tiny model's folder is built later (train.py); its default place is the cache's.
+        model_path = cfg.model.path if cfg.model.name != "tiny" else read_cache_info(cfg.data.cache_dir)["model"]
+        check_cache_fits(cfg.data.cache_dir, model_path, cfg.data.resolution)
 
 
 def _check_data_root(data: DictConfig) -> None:

@@ -19,6 +19,7 @@ import hydra
 import lightning as L
 import torch
 
+from lightning_sdxl.data.latent_cache import sample_latents
 from lightning_sdxl.diffusion.prediction import get_prediction
 from lightning_sdxl.diffusion.sampler import sample, seeded_noise
 from lightning_sdxl.diffusion.schedule import CLEAN, NoiseSchedule
@@ -276,9 +277,18 @@ class DistillationModule(L.LightningModule):
         clean = jump.t_next == CLEAN
         return self.renoiser(self.schedule, jump.x_next_real, jump.x_next_fake, jump.t_next, clean)
 
+    def latents_and_condition(self, batch: dict) -> tuple[torch.Tensor, SDXLCondition]:
+        """x0 (B, 4, R/f, R/f) and the condition of a batch of images, or of a latent cache's items
+        (`data=cached`: the stored posterior sampled as the VAE would, the stored encoder outputs)."""
+        if "latent_mean" in batch:
+            x0 = sample_latents(batch["latent_mean"], batch["latent_logvar"], self.vae.config)
+            condition = SDXLCondition(batch["prompt_embeds"], batch["pooled_prompt_embeds"], batch["add_time_ids"])
+            return x0, condition.to(torch.float32)
+        x0 = self.encode_images(batch["pixel_values"])
+        return x0, self.condition(batch["prompt"], batch["original_size"], batch["crop_top_left"])
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        x0 = self.encode_images(batch["pixel_values"])  # (B, 4, R/f, R/f)
-        condition = self.condition(batch["prompt"], batch["original_size"], batch["crop_top_left"])
+        x0, condition = self.latents_and_condition(batch)
         jump = self.jump(x0, condition)
         if not self.adversarial:
             self.generator_phase(jump, None, None, batch_idx)

@@ -16,7 +16,10 @@ def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.Tenso
     """(B, 3, R, R) in [-1, 1] -> scaled latents x0 (B, 4, R/f, R/f), float32, a posterior sample."""
     latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((latents - shift) * vae.config.scaling_factor).float()
+    # Contiguous: on the CPU the encoder's convolutions return channels-last tensors, and the noise
+    # drawn with randn_like(x0) then lands on other elements than for the same latents in the usual
+    # layout (a GPU's, or a latent cache's: data/latent_cache.py).
+    return ((latents - shift) * vae.config.scaling_factor).float().contiguous()
 
 
 @torch.no_grad()
