@@ -28,3 +28,13 @@ def test_real_step_costs_at_least_the_minimum_and_checkpointing_saves_activation
     module = step.build_module("8to4", "cond_adv", "lora", 64, "tiny")
     none, both = (step.activation_bytes(module, 2, 64, mode) for mode in ("none", "student + D"))
     assert 0 < both < none
+
+
+@pytest.mark.slow
+def test_data_benchmark_measures_every_source_and_the_step(capsys):
+    from lightning_sdxl.benchmarks import data
+
+    rates = data.main(["--batches", "4"])
+    assert set(rates) == {"toy world", "folder (PNG + .txt)", "latent cache", "step from images", "step from the cache"}
+    assert all(rate > 0 for rate in rates.values())
+    assert "| latent cache |" in capsys.readouterr().out

@@ -23,8 +23,11 @@ from hydra.errors import ConfigCompositionException
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
+from safetensors.torch import save_file
 
 from lightning_sdxl.config_checks import ConfigError, validate_config
+from lightning_sdxl.data.cached import VALIDATION_IMAGES
+from lightning_sdxl.data.latent_cache import CACHE_INFO, encoder_files, write_shard
 from lightning_sdxl.metrics import MissingMetricWeights
 from lightning_sdxl.models.loading import check_pipeline_folder
 from lightning_sdxl.sharding import FullyShardedStrategy
@@ -77,11 +80,28 @@ def _required_overrides(group: str, name: str, tiny: str, root: str) -> list[str
         return [f"data.captions_file={root}/captions.json", f"data.image_root={root}"]
     if (group, name) == ("data", "manifest"):
         return [f"data.manifest={root}/manifest.csv"]
+    if (group, name) == ("data", "cached"):
+        return [f"data.cache_dir={_small_cache(Path(root) / 'cache', tiny)}"]
     if (group, name) in (("experiment", "sdxl"), ("experiment", "sdxl_recipe")):
         return [f"model.path={tiny}", f"data.root={root}"]
     if (group, name) in TEACHER_FILES - {("stage", "teacher")}:
         return ["stage=teacher"]
     return []
+
+
+def _small_cache(folder: Path, tiny: str) -> Path:
+    """A latent cache of 4 items for the tiny model at 64 px (random tensors of the right shapes)."""
+    if not (folder / CACHE_INFO).is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"latent_mean": torch.zeros(4, 4, 8, 8), "latent_logvar": torch.zeros(4, 4, 8, 8),
+                   "prompt_embeds": torch.zeros(4, 77, 80), "pooled_prompt_embeds": torch.zeros(4, 48),
+                   "add_time_ids": torch.zeros(4, 6)}
+        shard = write_shard(folder, 0, tensors, ["a red square"] * 4)
+        save_file({"pixel_values": torch.zeros(2, 3, 64, 64)}, str(folder / VALIDATION_IMAGES))
+        info = {"model": tiny, "encoders": encoder_files(tiny), "resolution": 64, "items": 4, "shuffle": True,
+                "shards": [shard], "validation": {"prompts": ["a red square"] * 2, "seeds": [0, 1]}}
+        (folder / CACHE_INFO).write_text(json.dumps(info))
+    return folder
 
 
 def _compose_with_choices(overrides: list[str], output_dir: Path) -> tuple[DictConfig, dict]:
@@ -174,7 +194,10 @@ def test_data_files_instantiate(group, name, image_root, make_config):
     assert isinstance(datamodule, L.LightningDataModule)
     assert isinstance(datamodule, _target_class(cfg.data._target_))
     batch = next(iter(datamodule.train_dataloader()))
-    assert batch["pixel_values"].shape == (1, 3, cfg.data.resolution, cfg.data.resolution)
+    if name == "cached":  # VAE posteriors of the 64 px images (tiny VAE: 8 x 8 latents)
+        assert batch["latent_mean"].shape == batch["latent_logvar"].shape == (1, 4, 8, 8)
+    else:
+        assert batch["pixel_values"].shape == (1, 3, cfg.data.resolution, cfg.data.resolution)
     assert isinstance(batch["prompt"][0], str) and batch["prompt"][0]
     prompts = next(iter(datamodule.val_dataloader()))
     assert len(prompts["prompt"]) >= 1
