@@ -7,10 +7,12 @@ that cannot work must fail in `validate_config` (one line naming the key) before
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import hydra
@@ -80,6 +82,8 @@ def _required_overrides(group: str, name: str, tiny: str, root: str) -> list[str
         return [f"data.captions_file={root}/captions.json", f"data.image_root={root}"]
     if (group, name) == ("data", "manifest"):
         return [f"data.manifest={root}/manifest.csv"]
+    if (group, name) == ("data", "webdataset"):
+        return [f"data.shards={_small_shard(Path(root) / 'shards')}"]
     if (group, name) == ("data", "cached"):
         return [f"data.cache_dir={_small_cache(Path(root) / 'cache', tiny)}"]
     if (group, name) in (("experiment", "sdxl"), ("experiment", "sdxl_recipe")):
@@ -87,6 +91,22 @@ def _required_overrides(group: str, name: str, tiny: str, root: str) -> list[str
     if (group, name) in TEACHER_FILES - {("stage", "teacher")}:
         return ["stage=teacher"]
     return []
+
+
+def _small_shard(folder: Path) -> Path:
+    """One img2dataset-style tar shard of 2 captioned images."""
+    shard = folder / "00000.tar"
+    if not shard.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(shard, "w") as tar:
+            for key, colour in (("a", (200, 40, 40)), ("b", (40, 200, 40))):
+                image = io.BytesIO()
+                Image.new("RGB", (96, 80), colour).save(image, "PNG")
+                for name, data in ((f"{key}.png", image.getvalue()), (f"{key}.txt", b"a square")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return shard
 
 
 def _small_cache(folder: Path, tiny: str) -> Path:

@@ -6,6 +6,7 @@ from lightning_sdxl.data.datamodules import (
     FolderDataModule,
     ManifestDataModule,
     ToyWorldDataModule,
+    WebDatasetDataModule,
 )
 from lightning_sdxl.data.folder import IMAGE_EXTENSIONS, FolderDataset
 from lightning_sdxl.data.prompts import PromptDataset
@@ -40,5 +41,6 @@ __all__ = [
     "ShapeSpec",
     "ToyWorld",
     "ToyWorldDataModule",
+    "WebDatasetDataModule",
     "render_scene",
 ]

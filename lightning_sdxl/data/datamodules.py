@@ -13,6 +13,7 @@ from lightning_sdxl.data.folder import BadSample, FolderDataset
 from lightning_sdxl.data.manifest import ManifestDataset
 from lightning_sdxl.data.prompts import PromptDataset
 from lightning_sdxl.data.resumable import ResumableSampler
+from lightning_sdxl.data.shards import ShardDataset
 from lightning_sdxl.data.toy_world import ToyWorld
 from lightning_sdxl.errors import ConfigError
 
@@ -227,4 +228,28 @@ class ManifestDataModule(FolderDataModule):
         super().__init__(
             root=None, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
             num_val_prompts=num_val_prompts, seed=seed, dataset=dataset, filters=filters,
+        )
+
+
+class WebDatasetDataModule(FolderDataModule):
+    """img2dataset's tar shards (see data/shards.py: ShardDataset); the first samples' captions validate.
+
+    Args:
+        shards: a brace pattern or list of local tar files, e.g. '/data/laion/{00000..01023}.tar'.
+        Others: as FolderDataModule.
+    """
+
+    def __init__(
+        self,
+        shards: str | list[str],
+        resolution: int = 1024,
+        batch_size: int = 4,
+        num_workers: int = 4,
+        num_val_prompts: int = 8,
+        seed: int = 0,
+        filters: dict | None = None,
+    ) -> None:
+        super().__init__(
+            root=None, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
+            num_val_prompts=num_val_prompts, seed=seed, dataset=ShardDataset(shards, resolution), filters=filters,
         )

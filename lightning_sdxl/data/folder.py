@@ -146,16 +146,19 @@ class FolderDataset(SkipsBadSamples, Dataset):
         return captioned_image(self.images[i], caption, self.resolution, self.filters)
 
 
-def captioned_image(path: Path, caption: str, resolution: int, filters: SampleFilters | None = None) -> dict:
+def captioned_image(path, caption: str, resolution: int, filters: SampleFilters | None = None, name: str | None = None) -> dict:
     """A training item (the data contract): the R x R centre crop in [-1, 1], its caption, and the
-    original size and crop offset for SDXL's micro-conditioning. BadSample when it cannot be read."""
+    original size and crop offset for SDXL's micro-conditioning. BadSample when it cannot be read.
+
+    `path` is a file path or an open binary file (a shard's member, named by `name` in messages)."""
+    where = name or path
     try:
         with Image.open(path) as file:
             image = ImageOps.exif_transpose(file).convert("RGB")  # upright; CMYK, alpha, grey -> RGB
     except (OSError, ValueError, Image.DecompressionBombError) as error:  # truncated, corrupt, not an image
-        raise BadSample(f"{path}: {type(error).__name__}: {error}") from None
+        raise BadSample(f"{where}: {type(error).__name__}: {error}") from None
     if filters is not None:
-        filters.image(image, path)  # Filtered (skipped and counted) when a filter drops it
+        filters.image(image, where)  # Filtered (skipped and counted) when a filter drops it
     w, h = image.size
     crop, top, left = resize_and_center_crop(image, resolution)
     pixels = np.asarray(crop).transpose(2, 0, 1).astype(np.float32, order="C")  # (3, R, R)
