@@ -102,3 +102,16 @@ def test_a_short_run_trains_from_shards(tmp_path, make_config):
                                 "data.num_workers=0", "data.batch_size=2"))
     assert trainer.global_step == 4
     assert isinstance(trainer.datamodule, WebDatasetDataModule)
+
+
+def test_aesthetic_scores_from_the_metadata_filter_and_are_counted(tmp_path):
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for key, meta in (("a", {"aesthetic": 4.0}), ("b", {"AESTHETIC_SCORE": 6.5}), ("c", {"url": "x"})):
+            add(tar, f"{key}.jpg", image_bytes((200, 0, 0)))
+            add(tar, f"{key}.txt", f"sample {key}".encode())
+            add(tar, f"{key}.json", json.dumps(meta).encode())
+    data = WebDatasetDataModule(str(tmp_path / "00000.tar"), resolution=32, batch_size=1, num_workers=0,
+                                filters={"min_aesthetic": 5.0})
+    prompts = [data.dataset[i]["prompt"] for i in range(3)]
+    assert prompts == ["sample b", "sample b", "sample c"]  # a (4.0) dropped; c has no score: kept
+    assert data.dataset.filters.dropped["min_aesthetic"] == 1

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 URL = re.compile(r"(https?://|www\.)\S+", re.IGNORECASE)
 HTML_TAG = re.compile(r"<[^>]{1,200}>")
 SPACES = re.compile(r"\s+")
+AESTHETIC_KEYS = ("aesthetic", "aesthetic_score", "AESTHETIC_SCORE")  # img2dataset metadata from LAION
 
 
 class Filtered(BadSample):
@@ -56,11 +57,15 @@ class SampleFilters:
         min_side: drop images whose shorter side is below this (0: keep all; the paper's runs: 1024).
         min_sharpness: drop images whose `laplacian_variance` is below this (0: keep all).
         clean_captions: strip URLs and HTML from captions and drop captions left empty.
+        min_aesthetic: drop samples whose metadata (a shard's `<key>.json`) gives an aesthetic score
+            below this (LAION's `aesthetic`, `aesthetic_score` or `AESTHETIC_SCORE`); samples
+            without a score are kept (0: keep all).
     """
 
     min_side: int = 0
     min_sharpness: float = 0.0
     clean_captions: bool = True
+    min_aesthetic: float = 0.0
     dropped: Counter = field(default_factory=Counter)  # reason -> samples dropped in this process
 
     def caption(self, text: str, where: object) -> str:
@@ -77,6 +82,14 @@ class SampleFilters:
             if sharpness < self.min_sharpness:
                 self._drop("min_sharpness", f"{where}: Laplacian variance {sharpness:.1f} is below "
                            f"data.filters.min_sharpness={self.min_sharpness}")
+
+    def metadata(self, meta: dict, where: object) -> None:
+        if self.min_aesthetic <= 0:
+            return
+        score = next((meta[key] for key in AESTHETIC_KEYS if meta.get(key) is not None), None)
+        if score is not None and float(score) < self.min_aesthetic:
+            self._drop("min_aesthetic", f"{where}: aesthetic score {float(score):.2f} is below "
+                       f"data.filters.min_aesthetic={self.min_aesthetic}")
 
     def _drop(self, reason: str, message: str) -> None:
         self.dropped[reason] += 1

@@ -99,4 +99,9 @@ class ShardDataset(SkipsBadSamples, Dataset):
         caption = self.caption(i)
         if self.filters is not None:
             caption = self.filters.caption(caption, where)
+            if ".json" in sample:
+                try:
+                    self.filters.metadata(json.loads(sample[".json"].getvalue()), where)
+                except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                    raise BadSample(f"{where}: unreadable .json metadata ({error})") from None
         return captioned_image(io.BytesIO(image.getvalue()), caption, self.resolution, self.filters, name=where)
