@@ -4,20 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
-from lightning_sdxl.data.datamodules import resumable_sampler, validation_sampler
+from lightning_sdxl.data.datamodules import FolderDataModule
 from lightning_sdxl.data.latent_cache import CachedLatents
-from lightning_sdxl.data.prompts import PromptDataset
-from lightning_sdxl.errors import ConfigError
 
 VALIDATION_IMAGES = "validation.safetensors"
 
 
-class CachedDataModule(L.LightningDataModule):
+class CachedDataModule(FolderDataModule):
     """Cached posteriors and conditions for training; the source's validation prompts, seeds and
     images (stored with the cache) for validation grids and metrics.
 
@@ -38,34 +34,16 @@ class CachedDataModule(L.LightningDataModule):
         num_val_prompts: int = 8,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.dataset = CachedLatents(cache_dir)
-        if len(self.dataset) < batch_size:
-            raise ConfigError(
-                f"data.cache_dir={cache_dir} holds {len(self.dataset)} items, fewer than one batch "
-                f"(data.batch_size={batch_size}): precompute more or lower data.batch_size."
-            )
-        validation = self.dataset.info["validation"]
+        dataset = CachedLatents(cache_dir)
+        super().__init__(
+            root=None, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
+            num_val_prompts=num_val_prompts, seed=seed, dataset=dataset,
+        )
+        self.hparams["cache_dir"] = cache_dir
+        validation = dataset.info["validation"]
         num_val = min(num_val_prompts, len(validation["prompts"]))
         self.val_prompts, self.val_seeds = validation["prompts"][:num_val], validation["seeds"][:num_val]
-        self.shuffle = self.dataset.info["shuffle"]
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset,
-            batch_size=self.hparams.batch_size,
-            sampler=resumable_sampler(self, len(self.dataset), shuffle=self.shuffle, seed=self.hparams.seed),
-            drop_last=True,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        prompts = PromptDataset(self.val_prompts, self.val_seeds)
-        return DataLoader(
-            prompts, batch_size=min(self.hparams.batch_size, len(self.val_prompts)), sampler=validation_sampler(self, prompts)
-        )
+        self.shuffle = dataset.info["shuffle"]
 
     def validation_images(self) -> torch.Tensor:
         """The (N, 3, R, R) source images in [-1, 1] whose captions are the validation prompts."""

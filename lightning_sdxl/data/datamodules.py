@@ -118,6 +118,8 @@ class FolderDataModule(L.LightningDataModule):
         filters: `SampleFilters` settings (data/filters.py): min_side, min_sharpness, clean_captions.
     """
 
+    shuffle = True  # the training order; a latent cache of the toy world keeps the world's (data/cached.py)
+
     def __init__(
         self,
         root: str | None,
@@ -151,7 +153,7 @@ class FolderDataModule(L.LightningDataModule):
         return DataLoader(
             self.dataset,
             batch_size=self.hparams.batch_size,
-            sampler=resumable_sampler(self, len(self.dataset), shuffle=True, seed=self.hparams.seed),
+            sampler=resumable_sampler(self, len(self.dataset), shuffle=self.shuffle, seed=self.hparams.seed),
             drop_last=True,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,

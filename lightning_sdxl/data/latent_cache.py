@@ -103,6 +103,9 @@ class CachedLatents(Dataset):
             self._open[index] = (safe_open(str(name), framework="pt"), captions)
         return self._open[index]
 
+    def caption(self, i: int) -> str:
+        return self[i]["prompt"]
+
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(i)
