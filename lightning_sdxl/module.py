@@ -34,7 +34,7 @@ from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeache
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
 from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
 from lightning_sdxl.plain_config import plain_config
-from lightning_sdxl.sharding import FullyShardedStrategy, is_sharded
+from lightning_sdxl.sharding import FullyShardedStrategy
 from lightning_sdxl.steps import to_batches
 
 # A phase whose discriminator accuracy over its last fifth stays within CHANCE_BAND of 0.5 carried
@@ -202,6 +202,7 @@ class DistillationModule(L.LightningModule):
         self.validation_outputs: list[dict[str, torch.Tensor]] = []
         self.teacher_samples: dict[tuple, torch.Tensor] = {}  # validation batch -> teacher latents
         self.strict_loading = False  # checkpoints hold trainable weights only (on_save_checkpoint)
+        self.sharded = False  # set by configure_model under trainer=fsdp
 
     # ---- data ----------------------------------------------------------------------------------
 
@@ -228,15 +229,16 @@ class DistillationModule(L.LightningModule):
     def configure_model(self) -> None:
         """Under `trainer=fsdp`, shard the student and discriminator (sharding.py); else nothing."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, FullyShardedStrategy) and not is_sharded(self.pair.unet):
+        if isinstance(strategy, FullyShardedStrategy) and not self.sharded:
             strategy.shard(self)
+            self.sharded = True
 
     def trains_only(self, optimizer):
         """Only `optimizer`'s weights take gradients from the block: Lightning's `toggled_optimizer`
         (the others' requires_grad off, their gradients never computed); under FSDP2, where a weight
         toggled off stays off for good (docs/MEASUREMENTS.md "Sharding"), the others' gradients are
         computed and then thrown away, their accumulated ones restored (`_keeping_gradients`)."""
-        if not is_sharded(self.pair.unet):
+        if not self.sharded:
             return self.toggled_optimizer(optimizer)
         others = [p for o in self._as_list(self.optimizers()) if o is not optimizer for g in o.param_groups for p in g["params"]]
         return _keeping_gradients(others)
@@ -300,7 +302,7 @@ class DistillationModule(L.LightningModule):
     def generator_phase(self, jump: Jump, x_fake, t_judge, batch_idx: int) -> None:
         """Generator step: MSE to the teacher's x_{t'} and/or fooling the discriminator (not during
         the discriminator warm-up). D's weights are toggled off before its forward, so their
-        gradients are never computed."""
+        gradients are never computed (under FSDP2 they are, and dropped: `trains_only`)."""
         generator = self._as_list(self.optimizers())[0]
         with self.trains_only(generator):
             loss = mse_loss(jump.x_next_fake, jump.x_next_real) if self.loss_kind.regression else None
