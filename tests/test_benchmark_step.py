@@ -25,6 +25,9 @@ def test_real_step_costs_at_least_the_minimum_and_checkpointing_saves_activation
     assert lines[-1] == f"max FLOPs ratio to the method's minimum: {worst:.2f}"
     ratios = [float(line.split("|")[6]) for line in lines if line.startswith(("| 8to4", "| 2to1"))]
     assert len(ratios) == 2 and all(ratio >= 1.0 for ratio in ratios)
+    # From a latent cache the step sheds the VAE encoder and text encoders, and stays above the minimum.
+    cached = step.main(["--model", "tiny", "--resolution", "64", "--phases", "8to4:cond_adv:lora", "--skip-memory", "--cached"])
+    assert 1.0 <= cached < ratios[0]
     module = step.build_module("8to4", "cond_adv", "lora", 64, "tiny")
     none, both = (step.activation_bytes(module, 2, 64, mode) for mode in ("none", "student + D"))
     assert 0 < both < none

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,7 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_the_recipe_composes_from_an_installed_wheel(tmp_path):
-    build = [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    # Built from a copy: setuptools writes its build/ folder into the source tree.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "outputs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+    build = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
     subprocess.run(build, check=True, capture_output=True, timeout=600)
     wheel = next(tmp_path.glob("lightning_sdxl-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -136,8 +136,16 @@ def meta_batch(module, batch: int, resolution: int) -> dict:
     }
 
 
-def step_flops(module, batch: int, resolution: int) -> int:
-    data = meta_batch(module, batch, resolution)
+def cached_meta_batch(module, batch: int) -> dict:
+    """A `data=cached` batch (data/latent_cache.py): posteriors and conditions, no pixels."""
+    condition = module.condition(["a photo of a cat"] * batch)
+    latents = torch.empty(batch, 4, module.latent_size, module.latent_size, device="meta")
+    return {"latent_mean": latents, "latent_logvar": torch.empty_like(latents), "prompt_embeds": condition.prompt_embeds,
+            "pooled_prompt_embeds": condition.pooled_prompt_embeds, "add_time_ids": condition.add_time_ids}
+
+
+def step_flops(module, batch: int, resolution: int, cached: bool = False) -> int:
+    data = cached_meta_batch(module, batch) if cached else meta_batch(module, batch, resolution)
     with trainer_free(module):
         return count_flops(lambda: module.training_step(data, 0))
 
@@ -302,15 +310,18 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--model", default="sdxl", choices=["sdxl", "tiny"])
     parser.add_argument("--phases", nargs="*", default=None, help="stage:loss:student, e.g. 8to4:cond_adv:lora")
     parser.add_argument("--skip-memory", action="store_true", help="only the FLOPs table")
+    parser.add_argument("--cached", action="store_true", help="the step from a latent cache (data=cached): no VAE "
+                        "encoder or text encoders in the step")
     args = parser.parse_args(argv)
     phases = [tuple(p.split(":")) for p in args.phases] if args.phases else PHASES
     batch, worst = 1, 0.0
-    print(f"TFLOPs per sample, {args.model} architecture at {args.resolution} px (FlopCounterMode, meta device)")
+    source = "from a latent cache (data=cached)" if args.cached else "from images"
+    print(f"TFLOPs per sample, {args.model} architecture at {args.resolution} px, step {source} (FlopCounterMode, meta device)")
     print("| stage | loss | student | real step | minimum | ratio | minimum's terms |")
     print("| --- | --- | --- | ---: | ---: | ---: | --- |")
     for stage, loss, student in phases:
         module = build_module(stage, loss, student, args.resolution, args.model)
-        real = step_flops(module, batch, args.resolution) / batch
+        real = step_flops(module, batch, args.resolution, args.cached) / batch
         terms = {name: value / batch for name, value in minimum_flops(module, batch).items()}
         minimum = sum(terms.values())
         ratio = real / minimum
