@@ -36,9 +36,9 @@ from lightning_sdxl.metrics import ReferenceStatsCache, prepare_reference
 from lightning_sdxl.metrics.fid import check_patch_fits
 from lightning_sdxl.metrics.precision_recall import PrecisionRecall
 from lightning_sdxl.metrics.reference_stats import reference_id
-from lightning_sdxl.models.loading import check_pipeline_folder, load_sdxl
+from lightning_sdxl.models.loading import check_pipeline_folder, frozen_encoders, load_sdxl
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
-from lightning_sdxl.models.tiny import ensure_tiny_sdxl
+from lightning_sdxl.models.tiny import model_folder
 from lightning_sdxl.models.vae import decode_latents, vae_scale_factor
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,7 @@ def load_model_under_test(cfg: DictConfig, device: torch.device) -> ModelUnderTe
         pipe.unload_lora_weights()
         unet, prediction = pipe.unet, cfg.target.prediction_type or teacher_prediction
     prediction = cfg.target.prediction_type or prediction
-    text_encoder = SDXLTextEncoder(
-        base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2, base.force_zeros_for_empty_prompt
-    )
+    vae, text_encoder = frozen_encoders(base, base.vae.dtype)  # as loaded: no cast
     if not all_finite(p.detach() for p in unet.parameters()):  # a NaN run's weights: nothing to score
         raise ConfigError(f"target {kind} {path or ''} has NaN or inf weights: it cannot be evaluated.")
     name = cfg.target.name or (kind if kind == "teacher" else f"{kind}:{Path(str(path)).name}")
@@ -162,7 +160,7 @@ def load_model_under_test(cfg: DictConfig, device: torch.device) -> ModelUnderTe
         unet=unet.to(device).eval().requires_grad_(False),
         prediction_type=prediction,
         text_encoder=text_encoder.to(device),
-        vae=base.vae.to(device).eval().requires_grad_(False),
+        vae=vae.to(device),
         schedule=NoiseSchedule.from_scheduler_config(base.scheduler_config).to(device),
     )
 
@@ -271,7 +269,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     validate_eval_config(cfg)
     if cfg.model.name == "tiny":
         with open_dict(cfg):
-            cfg.model.path = str(ensure_tiny_sdxl(cfg.model.path, cfg.model.seed))
+            cfg.model.path = model_folder(cfg.model)
     # Metric networks first: missing weights fail before the model loads.
     fids = {name: instantiate_checked(cfg.metrics[name]) for name in ("fid_whole", "fid_patch")}
     clip_score = instantiate_checked(cfg.metrics.clip_score)

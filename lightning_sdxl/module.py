@@ -29,9 +29,14 @@ from lightning_sdxl.finite_guard import NonFiniteGuard, all_finite
 from lightning_sdxl.losses import LOSS_KINDS, Renoiser, discriminator_loss, generator_loss, mse_loss
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.discriminator import Discriminator
-from lightning_sdxl.models.loading import cast, check_same_noise_schedule, load_sdxl, load_unet
+from lightning_sdxl.models.loading import (
+    check_same_noise_schedule,
+    frozen_encoders,
+    load_sdxl,
+    load_unet,
+)
 from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeacher
-from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
+from lightning_sdxl.models.text_encoding import build_condition, unconditional_like
 from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
 from lightning_sdxl.plain_config import plain_config
 from lightning_sdxl.sharding import FullyShardedStrategy
@@ -168,15 +173,8 @@ class DistillationModule(L.LightningModule):
             check_same_noise_schedule(components.scheduler_config, teacher_scheduler, model_path, teacher_path)
         self.teacher_prediction = get_prediction(teacher_scheduler.get("prediction_type", "epsilon"))
         self.student_prediction = get_prediction(prediction_type or base_prediction)
-        self.vae = cast(components.vae.requires_grad_(False), dtype).eval()
+        self.vae, self.text_encoder = frozen_encoders(components, dtype)
         self.latent_size = resolution // vae_scale_factor(self.vae.config)
-        self.text_encoder = SDXLTextEncoder(
-            components.text_encoder.to(dtype),
-            components.text_encoder_2.to(dtype),
-            components.tokenizer,
-            components.tokenizer_2,
-            zero_empty_prompt=components.force_zeros_for_empty_prompt,
-        )
         # Built from the stage's teacher before the student gets adapters; the recipe carries it
         # through the stage's phases (discriminator_init) and builds a new one every stage.
         self.discriminator = None

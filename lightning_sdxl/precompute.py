@@ -27,26 +27,22 @@ from lightning_sdxl.data.cached import VALIDATION_IMAGES
 from lightning_sdxl.data.datamodules import ToyWorldDataModule
 from lightning_sdxl.data.latent_cache import CACHE_INFO, encoder_files, write_shard
 from lightning_sdxl.io import atomic_dir
-from lightning_sdxl.models.loading import cast, load_sdxl
-from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition
-from lightning_sdxl.models.tiny import ensure_tiny_sdxl
+from lightning_sdxl.models.loading import frozen_encoders, load_sdxl
+from lightning_sdxl.models.text_encoding import build_condition
+from lightning_sdxl.models.tiny import model_folder
 
 log = logging.getLogger(__name__)
 
 
 def write_cache(cfg: DictConfig) -> Path:
     """Encode the first `cfg.max_items` items of `cfg.data` into `cfg.cache_dir` (replaced atomically)."""
-    model_path = str(ensure_tiny_sdxl(cfg.model.path, cfg.model.seed)) if cfg.model.name == "tiny" else str(cfg.model.path)
+    model_path = model_folder(cfg.model)
     datamodule = hydra.utils.instantiate(cfg.data)
     dataset = datamodule.world if isinstance(datamodule, ToyWorldDataModule) else datamodule.dataset
     count = len(dataset) if cfg.max_items is None else min(len(dataset), int(cfg.max_items))
     dtype = getattr(torch, cfg.model.frozen_dtype)
     components = load_sdxl(model_path, cfg.model.variant)
-    vae = cast(components.vae.requires_grad_(False), dtype).eval()
-    text_encoder = SDXLTextEncoder(
-        components.text_encoder.to(dtype), components.text_encoder_2.to(dtype), components.tokenizer,
-        components.tokenizer_2, zero_empty_prompt=components.force_zeros_for_empty_prompt,
-    )
+    vae, text_encoder = frozen_encoders(components, dtype)
     del components  # the UNet is not needed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae.to(device), text_encoder.to(device)

@@ -501,7 +501,6 @@ def no_model_loads(tiny_sdxl_path, monkeypatch):
     """Loading or building any model fails the test (the tiny folder is built beforehand)."""
     monkeypatch.setattr("lightning_sdxl.module.load_sdxl", _model_loaded)
     monkeypatch.setattr("lightning_sdxl.models.tiny.ensure_tiny_sdxl", _model_loaded)
-    monkeypatch.setattr("lightning_sdxl.train.ensure_tiny_sdxl", _model_loaded)
     return tiny_sdxl_path
 
 

@@ -37,7 +37,7 @@ def _model_loaded(*args, **kwargs):
 @pytest.mark.skipif(WANDB_INSTALLED, reason="wandb is installed: the logger builds")
 def test_without_wandb_training_stops_in_one_line_before_any_model_loads(make_config, monkeypatch):
     monkeypatch.setattr("lightning_sdxl.module.load_sdxl", _model_loaded)
-    monkeypatch.setattr("lightning_sdxl.train.ensure_tiny_sdxl", _model_loaded)
+    monkeypatch.setattr("lightning_sdxl.models.tiny.ensure_tiny_sdxl", _model_loaded)
     with pytest.raises(ConfigError) as raised:
         train(make_config("logger=wandb"))
     message = str(raised.value)

@@ -103,15 +103,21 @@ class CachedLatents(Dataset):
             self._open[index] = (safe_open(str(name), framework="pt"), captions)
         return self._open[index]
 
-    def caption(self, i: int) -> str:
-        return self[i]["prompt"]
-
-    def __getitem__(self, i: int) -> dict:
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(shard, row) of item i."""
         if not 0 <= i < len(self):
             raise IndexError(i)
         shard = bisect.bisect_right(self.starts, i) - 1
+        return shard, i - self.starts[shard]
+
+    def caption(self, i: int) -> str:
+        """Item i's caption, read from its shard's captions without its tensors."""
+        shard, row = self._locate(i)
+        return self._shard(shard)[1][row]
+
+    def __getitem__(self, i: int) -> dict:
+        shard, row = self._locate(i)
         handle, captions = self._shard(shard)
-        row = i - self.starts[shard]
         item = {key: handle.get_slice(key)[row : row + 1][0] for key in TENSOR_KEYS}
         item["prompt"] = captions[row]
         return item

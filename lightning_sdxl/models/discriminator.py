@@ -466,8 +466,8 @@ class Discriminator(nn.Module):
         t_next = _batch_timesteps(t_next, batch, device)  # (B,)
         samples = list(candidates)  # k x (B, 4, H, W), each an x_{t'}
         timesteps = [t_next] * k
-        start_apart = self.conditional and not start_gradient
-        if self.conditional and start_gradient:
+        start_in_batch = self.conditional and start_gradient  # x_t's rows join the candidates' batch
+        if start_in_batch:
             samples.insert(0, x_t)
             timesteps.insert(0, _batch_timesteps(t, batch, device))
         n = len(samples)
@@ -476,15 +476,12 @@ class Discriminator(nn.Module):
             torch.cat(timesteps),  # (n B,)
             condition.repeat(n),
         )  # (n B, C_mid, h, w)
-        if start_apart:
-            with torch.no_grad():
-                start_features = self.backbone(x_t, _batch_timesteps(t, batch, device), condition)  # (B, C_mid, h, w)
-            next_features = features
+        start_features, next_features = None, features  # d(x_{t'}, t', c): (k B, C_mid, h, w)
+        if start_in_batch:
+            start_features, next_features = features[:batch], features[batch:]  # d(x_t, t, c): (B, C_mid, h, w)
         elif self.conditional:
-            start_features = features[:batch]  # (B, C_mid, h, w) d(x_t, t, c)
-            next_features = features[batch:]  # (k B, C_mid, h, w) d(x_{t'}, t', c)
-        else:
-            start_features, next_features = None, features
+            with torch.no_grad():
+                start_features = self.backbone(x_t, _batch_timesteps(t, batch, device), condition)
         if start_features is not None:
             # One head call over all candidates, each paired with the shared d(x_t, t, c).
             start_features = start_features.repeat(k, 1, 1, 1)  # (k B, C_mid, h, w)

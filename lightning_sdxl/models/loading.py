@@ -122,6 +122,23 @@ def load_sdxl(path: str, variant: str | None = None, dtype: torch.dtype = torch.
     )
 
 
+def frozen_encoders(components: SDXLComponents, dtype: torch.dtype):
+    """The frozen VAE and both text encoders (as one `SDXLTextEncoder`) in `dtype`: what the training
+    module and the latent cache's writer (precompute.py) encode with, built in one place so a cache
+    holds exactly what training would compute."""
+    from lightning_sdxl.models.text_encoding import SDXLTextEncoder
+
+    vae = cast(components.vae.requires_grad_(False), dtype).eval()
+    text_encoder = SDXLTextEncoder(
+        components.text_encoder.to(dtype),
+        components.text_encoder_2.to(dtype),
+        components.tokenizer,
+        components.tokenizer_2,
+        zero_empty_prompt=components.force_zeros_for_empty_prompt,
+    )
+    return vae, text_encoder
+
+
 def cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """`model.to(dtype)`, skipped when every weight already has it: diffusers 0.42 warns on each
     `.to(dtype)` of a UNet or VAE ("modules ... should be kept in float32: []"), even a no-op one."""

@@ -155,6 +155,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LIGHTNING_SDXL_HOME", Path.home() / ".cache" / "lightning_sdxl"))
 
 
+def model_folder(model) -> str:
+    """The weights of a `model` config group: the tiny model's folder (built on first use) for
+    model=tiny, else `model.path` (a folder or a hub id)."""
+    return str(ensure_tiny_sdxl(model.path, model.seed)) if model.name == "tiny" else str(model.path)
+
+
 def ensure_tiny_sdxl(folder: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """Write the tiny SDXL as a diffusers folder once (atomically) and return its path."""
     folder = Path(folder) if folder else default_cache_dir() / f"tiny-sdxl-v{TINY_SDXL_VERSION}-seed{seed}"
