@@ -139,7 +139,7 @@ def load_model_under_test(cfg: DictConfig, device: torch.device) -> ModelUnderTe
         from lightning_sdxl.export import merged_unet
         from lightning_sdxl.module import DistillationModule
 
-        module = DistillationModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+        module = DistillationModule.for_inference(path)
         unet, prediction = merged_unet(module), module.student_prediction.name
     elif kind == "unet":
         unet = UNet2DConditionModel.from_pretrained(str(path), use_safetensors=True)

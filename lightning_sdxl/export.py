@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from lightning_sdxl.comfyui import write_workflow
 from lightning_sdxl.finite_guard import NonFiniteTrainingError, all_finite
 from lightning_sdxl.io import atomic_dir
-from lightning_sdxl.models.loading import cast, looks_local
+from lightning_sdxl.models.loading import cast, frozen_encoders, load_sdxl, looks_local
 from lightning_sdxl.module import DistillationModule
 from lightning_sdxl.single_file import save_components, sgm_unet_names
 
@@ -196,6 +196,15 @@ def export_info(module) -> dict:
     return info
 
 
+def single_file_encoders(module):
+    """The VAE and text encoders the all-in-one file holds: the module's, or for a run from a latent
+    cache (which has no text encoders and no VAE encoder in memory) both read from its model_path."""
+    if module.text_encoder is not None:
+        return module.vae, module.text_encoder
+    components = load_sdxl(module.hparams.model_path, module.hparams.model_variant, unet=False)
+    return frozen_encoders(components, module.vae.dtype)
+
+
 def export_student(
     module,
     out_dir: str | os.PathLike,
@@ -226,8 +235,8 @@ def export_student(
         unet = merged_unet(module, dtype)
         unet.save_pretrained(folder / UNET_DIR, safe_serialization=True)
         if single_file:
-            encoders = module.text_encoder
-            save_components(unet, module.vae, encoders.text_encoder, encoders.text_encoder_2, folder / SINGLE_FILE, dtype)
+            vae, encoders = single_file_encoders(module)
+            save_components(unet, vae, encoders.text_encoder, encoders.text_encoder_2, folder / SINGLE_FILE, dtype)
         inference_scheduler(module).save_pretrained(folder / SCHEDULER_DIR)
         if is_lora_student(module):
             if module.student_prediction.name != module.teacher_prediction.name:
@@ -258,9 +267,7 @@ def export_checkpoint(
     single_file: bool = True,
 ) -> Path:
     """Export a Lightning checkpoint of a `DistillationModule` (the frozen parts reload from its model_path)."""
-    module = DistillationModule.load_from_checkpoint(
-        checkpoint, map_location="cpu", weights_only=True
-    )
+    module = DistillationModule.for_inference(checkpoint)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     info = {"checkpoint": str(checkpoint), "global_step": saved["global_step"]}
     return export_student(module.eval(), out_dir, dtype, info, single_file)

@@ -14,12 +14,14 @@ import warnings
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 
-from lightning_sdxl.data.latent_cache import sample_latents
+from lightning_sdxl.data.latent_cache import read_cache_info, sample_latents
+from lightning_sdxl.data.stored_conditions import StoredConditions
 from lightning_sdxl.diffusion.prediction import get_prediction
 from lightning_sdxl.diffusion.sampler import sample, seeded_noise
 from lightning_sdxl.diffusion.schedule import CLEAN, NoiseSchedule
@@ -111,6 +113,9 @@ class DistillationModule(L.LightningModule):
             (the discriminator is initialised from the teacher once per stage, METHOD.md 3).
         max_nonfinite_steps: optimizer steps in a row with a non-finite loss or gradient (skipped)
             before the run stops with NonFiniteTrainingError (`finite_guard.py`).
+        latent_cache: the latent cache the run trains from (`data=cached`, data/latent_cache.py): the
+            text encoders and the VAE's encoder are not loaded; the validation prompts' conditions
+            and the empty prompt come from the cache (data/stored_conditions.py). None: images.
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class DistillationModule(L.LightningModule):
         teacher_path: str | None = None,
         discriminator_init: str | None = None,
         max_nonfinite_steps: int = 3,
+        latent_cache: str | None = None,
     ):
         super().__init__()
         if loss not in LOSS_KINDS:
@@ -163,7 +169,7 @@ class DistillationModule(L.LightningModule):
         self.adversarial = self.loss_kind.adversarial
         self.grid = StageGrid(teacher_steps, student_steps, start_timesteps)
 
-        components = load_sdxl(model_path, model_variant)
+        components = load_sdxl(model_path, model_variant, text_encoders=not latent_cache)
         dtype = getattr(torch, frozen_dtype)
         self.schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
         base_prediction = components.scheduler_config.get("prediction_type", "epsilon")
@@ -173,7 +179,10 @@ class DistillationModule(L.LightningModule):
             check_same_noise_schedule(components.scheduler_config, teacher_scheduler, model_path, teacher_path)
         self.teacher_prediction = get_prediction(teacher_scheduler.get("prediction_type", "epsilon"))
         self.student_prediction = get_prediction(prediction_type or base_prediction)
-        self.vae, self.text_encoder = frozen_encoders(components, dtype)
+        self.vae, self.text_encoder = frozen_encoders(components, dtype, encode=not latent_cache)
+        self.stored_conditions = None
+        if latent_cache:  # no text encoder: the conditions generation needs were stored with the cache
+            self.stored_conditions = StoredConditions(latent_cache, read_cache_info(latent_cache)["validation"]["prompts"])
         self.latent_size = resolution // vae_scale_factor(self.vae.config)
         # Built from the stage's teacher before the student gets adapters; the recipe carries it
         # through the stage's phases (discriminator_init) and builds a new one every stage.
@@ -202,6 +211,17 @@ class DistillationModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold trainable weights only (on_save_checkpoint)
         self.sharded = False  # set by configure_model under trainer=fsdp
 
+    @classmethod
+    def for_inference(cls, checkpoint_path: str | Path, **overrides) -> DistillationModule:
+        """A checkpoint's module on the CPU with every frozen part (also the text encoders and the
+        VAE's encoder of a run from a latent cache), for sampling, export and inspection.
+        `overrides` replace recorded arguments (e.g. model_path=<the base folder here>)."""
+        with warnings.catch_warnings():  # the frozen parts are absent by design: they reload from model_path
+            warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+            return cls.load_from_checkpoint(
+                str(checkpoint_path), map_location="cpu", weights_only=True, **{"latent_cache": None, **overrides}
+            )
+
     # ---- data ----------------------------------------------------------------------------------
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -213,6 +233,8 @@ class DistillationModule(L.LightningModule):
         return decode_latents(self.vae, latents)
 
     def condition(self, prompts: list[str], original_size=None, crop_top_left=None) -> SDXLCondition:
+        if self.stored_conditions is not None:  # a run from a latent cache: its validation prompts
+            return self.stored_conditions.condition(prompts, self.device)
         size = (self.hparams.resolution,) * 2
         return build_condition(self.text_encoder, prompts, size, original_size, crop_top_left).to(torch.float32)
 
@@ -220,6 +242,8 @@ class DistillationModule(L.LightningModule):
         """The empty-prompt condition when the teacher uses CFG (stage 128 to 32), else None."""
         if self.hparams.guidance_scale <= 1.0:
             return None
+        if self.stored_conditions is not None:
+            return self.stored_conditions.uncondition(condition)
         return unconditional_like(self.text_encoder, condition).to(torch.float32)
 
     # ---- training ------------------------------------------------------------------------------

@@ -7,7 +7,9 @@
 
 The source is the configured `data` group and the encoders those of `model` (in its frozen dtype, as
 training would run them), so training from the cache draws the same x0 and condition as training
-from the images (tests/test_latent_cache.py).
+from the images (tests/test_latent_cache.py). With the cache go the source's validation images,
+prompts and seeds, and the text conditions a run from it still needs (the validation prompts', the
+empty prompt's: data/stored_conditions.py), so that run loads no text encoder and no VAE encoder.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lightning_sdxl import CONF_DIR
 from lightning_sdxl.data.cached import VALIDATION_IMAGES
 from lightning_sdxl.data.datamodules import ToyWorldDataModule
 from lightning_sdxl.data.latent_cache import CACHE_INFO, encoder_files, write_shard
+from lightning_sdxl.data.stored_conditions import write_conditions
 from lightning_sdxl.io import atomic_dir
 from lightning_sdxl.models.loading import frozen_encoders, load_sdxl
 from lightning_sdxl.models.text_encoding import build_condition
@@ -68,6 +71,7 @@ def write_cache(cfg: DictConfig) -> Path:
         if captions:
             shards.append(_flush(folder, len(shards), pending, captions))
         save_file({"pixel_values": datamodule.validation_images().contiguous()}, str(folder / VALIDATION_IMAGES))
+        write_conditions(folder, text_encoder, list(datamodule.val_prompts), cfg.data.resolution)
         info = {
             "model": model_path, "encoders": encoder_files(model_path), "resolution": cfg.data.resolution, "dtype": cfg.model.frozen_dtype,
             "items": count, "source": cfg.data._target_, "shuffle": not isinstance(datamodule, ToyWorldDataModule),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,12 +263,10 @@ def load_checkpoint_model(target: Target, device: torch.device) -> ModelUnderTes
     from lightning_sdxl.export import merged_unet
     from lightning_sdxl.module import DistillationModule
 
-    with warnings.catch_warnings():  # the frozen parts are absent by design (they reload from the base)
-        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
-        module = DistillationModule.load_from_checkpoint(
-            str(target.path), map_location="cpu", weights_only=True, model_path=target.base, frozen_dtype="float32",
-            teacher_path=None, student_init=None, discriminator_init=None,
-        )
+    module = DistillationModule.for_inference(
+        target.path, model_path=target.base, frozen_dtype="float32", teacher_path=None, student_init=None,
+        discriminator_init=None,
+    )
     return ModelUnderTest(
         name=target.name,
         unet=merged_unet(module).to(device),

@@ -11,9 +11,12 @@ import torch
 from conftest import CONF_DIR, CPU_OVERRIDES, compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
+from safetensors.torch import load_file
 
 from lightning_sdxl.config_checks import validate_config
+from lightning_sdxl.data.cached import CachedDataModule
 from lightning_sdxl.errors import ConfigError, MissingPathError
+from lightning_sdxl.export import SINGLE_FILE
 from lightning_sdxl.precompute import write_cache
 from lightning_sdxl.train import train
 
@@ -43,11 +46,47 @@ def test_a_run_from_the_cache_equals_the_run_from_the_images(cache, tmp_path):
     different = [key for key in images if not torch.allclose(images[key], from_cache[key], rtol=0, atol=1e-6)]
     assert not different, f"{len(different)} of {len(images)} tensors differ, e.g. {different[:3]}"
     assert not all(torch.equal(images[k], torch.zeros_like(images[k])) for k in images)
+    # The cached run has no VAE encoder or text encoders in memory: its all-in-one export reads them
+    # from the model folder, and holds the same weights as the image run's.
+    single = lambda run: load_file(str(run / "export" / SINGLE_FILE))
+    exported_images, exported_cached = single(tmp_path / "images"), single(tmp_path / "cached")
+    assert exported_images.keys() == exported_cached.keys()
+    assert all(torch.equal(exported_images[k], exported_cached[k]) for k in exported_images)
+
+
+@pytest.mark.parametrize("stage", ["8to4", "128to32"])  # 128to32: the teacher's CFG needs the empty prompt
+def test_a_module_from_the_cache_holds_no_text_encoder_and_conditions_as_the_encoders_give(
+    cache, tmp_path, tiny_sdxl_path, stage
+):
+    import hydra
+
+    def module(*overrides):
+        cfg = compose_config([f"stage={stage}", f"model.path={tiny_sdxl_path}", *overrides], tmp_path / "run")
+        return hydra.utils.instantiate(cfg.module)
+
+    from_images = module()
+    from_cache = module("data=cached", f"data.cache_dir={cache}", "data.resolution=64")
+    assert from_cache.text_encoder is None and from_cache.vae.encoder is None and from_cache.vae.decoder is not None
+    frozen = lambda module: sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    assert frozen(from_images) - frozen(from_cache) == sum(
+        p.numel() for part in (from_images.text_encoder, from_images.vae.encoder, from_images.vae.quant_conv)
+        for p in part.parameters()
+    )
+    prompts = CachedDataModule(str(cache), resolution=64, num_val_prompts=2).val_prompts
+    expected, stored = from_images.condition(prompts), from_cache.condition(prompts)
+    for key in ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids"):
+        assert torch.equal(getattr(expected, key), getattr(stored, key)), key
+    if stage == "128to32":
+        expected, stored = from_images.uncondition(expected), from_cache.uncondition(stored)
+        assert torch.equal(expected.prompt_embeds, stored.prompt_embeds)
+        assert torch.equal(expected.pooled_prompt_embeds, stored.pooled_prompt_embeds)
+    else:
+        assert from_cache.uncondition(stored) is None
+    with pytest.raises(KeyError, match="validation prompts"):
+        from_cache.condition(["a prompt the cache never saw"])
 
 
 def test_the_cache_holds_what_the_encoders_give(cache):
-    from lightning_sdxl.data.cached import CachedDataModule
-
     data = CachedDataModule(str(cache), resolution=64, batch_size=2, num_workers=0, num_val_prompts=2)
     assert len(data.dataset) == 12 and len(data.dataset.shards) == 3
     item = data.dataset[5]

@@ -108,7 +108,7 @@ def test_runs_without_errors(executed):
 
 
 def test_loads_the_tiny_run_and_prints_its_stage(executed):
-    text = stdout(code_cell(executed, "load_from_checkpoint("))
+    text = stdout(code_cell(executed, "DistillationModule.for_inference("))
     assert "stage 8to4, loss cond_adv, student lora (rank 4)" in text
     assert "trained 4 batches (global step 8" in text
 

@@ -12,6 +12,9 @@ Layout of a cache folder (written atomically):
     shard-00000.safetensors  latent_mean, latent_logvar (N, 4, R/f, R/f); prompt_embeds (N, 77, D);
                              pooled_prompt_embeds (N, P); add_time_ids (N, 6)
     shard-00000.json         the N captions
+    validation.safetensors   the source's validation images (data/cached.py)
+    conditions.safetensors   the validation prompts' conditions and the empty prompt's embeddings
+                             (data/stored_conditions.py)
 """
 
 from __future__ import annotations

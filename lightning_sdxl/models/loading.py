@@ -21,10 +21,10 @@ REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokeniz
 class SDXLComponents:
     """The parts of an SDXL pipeline that training uses."""
 
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel | None  # None when loaded with unet=False
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    text_encoder_2: CLIPTextModelWithProjection
+    text_encoder: CLIPTextModel | None  # None when loaded with text_encoders=False
+    text_encoder_2: CLIPTextModelWithProjection | None
     tokenizer: CLIPTokenizer
     tokenizer_2: CLIPTokenizer
     scheduler_config: dict
@@ -93,13 +93,19 @@ def _pipeline_config(path: str) -> dict:
     return json.loads(Path(hf_hub_download(path, "model_index.json")).read_text())
 
 
-def load_sdxl(path: str, variant: str | None = None, dtype: torch.dtype = torch.float32) -> SDXLComponents:
+def load_sdxl(
+    path: str, variant: str | None = None, dtype: torch.dtype = torch.float32, text_encoders: bool = True,
+    unet: bool = True,
+) -> SDXLComponents:
     """Load an SDXL pipeline folder or hub id, component by component (never remote code).
 
     Args:
         path: a local diffusers SDXL folder or a hub id.
         variant: weight file variant, e.g. "fp16", or None for the default weights.
         dtype: dtype to load every model in.
+        text_encoders: load both text encoders (a run from a latent cache needs none: 817 M
+            parameters of SDXL's not loaded).
+        unet: load the UNet (the single-file export of such a run needs only the encoders).
     """
     check_pipeline_folder(path)
     kwargs = {"variant": variant, "torch_dtype": dtype, "use_safetensors": True}
@@ -109,12 +115,12 @@ def load_sdxl(path: str, variant: str | None = None, dtype: torch.dtype = torch.
         check_tokenizer(loaded, f"{path}/{name}")
     scheduler_config = dict(EulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
     return SDXLComponents(
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs) if unet else None,
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs_tf(kwargs)),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-            path, subfolder="text_encoder_2", **kwargs_tf(kwargs)
-        ),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs_tf(kwargs))
+        if text_encoders else None,
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kwargs_tf(kwargs))
+        if text_encoders else None,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         scheduler_config=scheduler_config,
@@ -122,13 +128,17 @@ def load_sdxl(path: str, variant: str | None = None, dtype: torch.dtype = torch.
     )
 
 
-def frozen_encoders(components: SDXLComponents, dtype: torch.dtype):
+def frozen_encoders(components: SDXLComponents, dtype: torch.dtype, encode: bool = True):
     """The frozen VAE and both text encoders (as one `SDXLTextEncoder`) in `dtype`: what the training
     module and the latent cache's writer (precompute.py) encode with, built in one place so a cache
-    holds exactly what training would compute."""
+    holds exactly what training would compute. `encode=False` (a run from a latent cache): the VAE
+    without its encoder, for decoding only, and no text encoders (None)."""
     from lightning_sdxl.models.text_encoding import SDXLTextEncoder
 
     vae = cast(components.vae.requires_grad_(False), dtype).eval()
+    if not encode:
+        vae.encoder = vae.quant_conv = None  # decode() uses post_quant_conv and decoder only
+        return vae, None
     text_encoder = SDXLTextEncoder(
         components.text_encoder.to(dtype),
         components.text_encoder_2.to(dtype),
