@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from lightning_sdxl.data.datamodules import WebDatasetDataModule
@@ -84,14 +85,41 @@ def test_missing_shards_fail_with_the_pattern_named(tmp_path):
         expand_shards(str(tmp_path / "{00000..00001}.tar"))
 
 
-def test_ranks_see_every_sample_once(tmp_path):
+def test_an_unreadable_shard_is_skipped_and_named(tmp_path, caplog):
+    write_shards(tmp_path, shards=1, stats=False)
+    (tmp_path / "00001.tar").write_bytes(b"\x00 not a tar file" * 100)
+    dataset = ShardDataset(str(tmp_path / "{00000..00001}.tar"), resolution=32)
+    assert len(dataset) == 4 and dataset.skipped_shards == 1
+    assert "00001.tar" in caplog.text and "not a readable tar" in caplog.text
+    with pytest.raises(MissingPathError, match="none of the 1 shards"):
+        ShardDataset(str(tmp_path / "00001.tar"), resolution=32)
+
+
+def test_ranks_and_workers_see_every_sample_once(tmp_path):
+    """2 ranks x 2 DataLoader workers: every sample exactly once (captions are unique here)."""
+    from torch.utils.data import DataLoader
+
     write_shards(tmp_path, shards=3, per_shard=4)
     dataset = ShardDataset(str(tmp_path / "{00000..00002}.tar"), resolution=32)
     seen = []
     for rank in range(2):
         sampler = ResumableSampler(len(dataset), 2, shuffle=True, seed=0, rank=rank, world_size=2)
-        seen += [dataset[i]["prompt"] for i in sampler]
-    assert sorted(seen) == sorted(dataset.caption(i) for i in range(len(dataset)))
+        loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=2)
+        seen += [prompt for batch in loader for prompt in batch["prompt"]]
+    expected = [dataset.caption(i) for i in range(len(dataset))]
+    assert len(set(expected)) == len(expected) and sorted(seen) == sorted(expected)
+
+
+def test_toy_shards_hold_the_toy_world_exactly(tmp_path):
+    from lightning_sdxl.data.toy_world import ToyWorld
+    from lightning_sdxl.toy.write_shards import write_toy_shards
+
+    write_toy_shards(tmp_path / "shards", shards=2, per_shard=3)
+    dataset, world = ShardDataset(str(tmp_path / "shards" / "{00000..00001}.tar"), resolution=32), ToyWorld(32, world="simple")
+    assert len(dataset) == 6
+    for i in (0, 4):
+        assert dataset[i]["prompt"] == world[i]["prompt"]
+        assert torch.equal(dataset[i]["pixel_values"], world[i]["pixel_values"])
 
 
 def test_a_short_run_trains_from_shards(tmp_path, make_config):

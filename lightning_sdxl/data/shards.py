@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from lightning_sdxl.data.filters import SampleFilters
 from lightning_sdxl.data.folder import IMAGE_EXTENSIONS, captioned_image
 from lightning_sdxl.errors import MissingPathError
 
+log = logging.getLogger(__name__)
+
 
 def expand_shards(shards: str | list[str]) -> list[Path]:
     """Shard paths from brace patterns (`/data/laion/{00000..01023}.tar`) or a list of them."""
@@ -35,21 +38,23 @@ def expand_shards(shards: str | list[str]) -> list[Path]:
     if not paths or missing:
         raise MissingPathError(
             f"data.shards={shards}: {len(missing)} of {len(paths)} shards do not exist (e.g. {missing[:2]}); "
-            "give local tar files, e.g. data.shards='/data/laion/{00000..01023}.tar'."
+            """give local tar files, e.g. "data.shards='/data/laion/{00000..01023}.tar'" (quoted so in a shell)."""
         )
     return paths
 
 
 def shard_length(path: Path) -> int:
-    """Samples in a shard: img2dataset's stats file, else its image members counted."""
+    """Samples in a shard: img2dataset's stats file, else its image members counted; 0, with a
+    warning naming it, for a shard that is not a readable tar (it is skipped)."""
     stats = path.with_name(f"{path.stem}_stats.json")
     if stats.is_file():
         return int(json.loads(stats.read_text())["successes"])
     try:
         with tarfile.open(path, "r:") as tar:
             return sum(1 for member in tar if Path(member.name).suffix.lower() in IMAGE_EXTENSIONS)
-    except tarfile.TarError as error:
-        raise MissingPathError(f"data.shards: {path} is not a readable tar file ({error}).") from None
+    except (tarfile.TarError, OSError) as error:
+        log.warning("data.shards: skipping %s, not a readable tar file (%s)", path, error)
+        return 0
 
 
 class ShardDataset(SkipsBadSamples, Dataset):
@@ -66,9 +71,13 @@ class ShardDataset(SkipsBadSamples, Dataset):
     def __init__(self, shards: str | list[str], resolution: int) -> None:
         import wids
 
-        self.paths = expand_shards(shards)
         self.resolution = resolution
-        specs = [{"url": str(path), "nsamples": shard_length(path)} for path in self.paths]
+        lengths = {path: shard_length(path) for path in expand_shards(shards)}
+        self.paths = [path for path, length in lengths.items() if length > 0]
+        self.skipped_shards = len(lengths) - len(self.paths)  # unreadable or empty, each named in the log
+        if not self.paths:
+            raise MissingPathError(f"data.shards={shards}: none of the {len(lengths)} shards holds a readable sample.")
+        specs = [{"url": str(path), "nsamples": lengths[path]} for path in self.paths]
         self.reader = wids.ShardListDataset(specs, transformations=[], localname=lambda url: url)
 
     def __len__(self) -> int:
