@@ -110,6 +110,18 @@ def test_ranks_and_workers_see_every_sample_once(tmp_path):
     assert len(set(expected)) == len(expected) and sorted(seen) == sorted(expected)
 
 
+def test_a_resumed_rank_continues_with_its_next_unseen_samples(tmp_path):
+    """Killed after 2 batches per rank and resumed: each rank reads on from its third batch, so the
+    resumed epoch and the interrupted start together are the uninterrupted epoch."""
+    write_shards(tmp_path, shards=3, per_shard=4)
+    dataset = ShardDataset(str(tmp_path / "{00000..00002}.tar"), resolution=32)
+    for rank in range(2):
+        epoch = lambda start: [dataset[i]["prompt"] for i in ResumableSampler(
+            len(dataset), 1, shuffle=True, seed=3, start_batch=start, rank=rank, world_size=2)]
+        uninterrupted, resumed = epoch(0), epoch(2)
+        assert resumed == uninterrupted[2:] and len(resumed) == len(dataset) // 2 - 2
+
+
 def test_toy_shards_hold_the_toy_world_exactly(tmp_path):
     from lightning_sdxl.data.toy_world import ToyWorld
     from lightning_sdxl.toy.write_shards import write_toy_shards
