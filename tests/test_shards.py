@@ -155,3 +155,17 @@ def test_aesthetic_scores_from_the_metadata_filter_and_are_counted(tmp_path):
     prompts = [data.dataset[i]["prompt"] for i in range(3)]
     assert prompts == ["sample b", "sample b", "sample c"]  # a (4.0) dropped; c has no score: kept
     assert data.dataset.filters.dropped["min_aesthetic"] == 1
+
+
+def test_cmyk_is_converted_and_tiny_images_are_filtered_and_counted(tmp_path):
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        add(tar, "a.jpg", image_bytes((0, 200, 200, 0), mode="CMYK"))
+        add(tar, "a.txt", b"a cmyk square")
+        add(tar, "b.png", image_bytes((200, 0, 0), "PNG", size=(4, 4)))
+        add(tar, "b.txt", b"a tiny square")
+    data = WebDatasetDataModule(str(tmp_path / "00000.tar"), resolution=32, batch_size=1, num_workers=0,
+                                filters={"min_side": 16})
+    items = [data.dataset[i] for i in range(2)]
+    assert [item["prompt"] for item in items] == ["a cmyk square", "a cmyk square"]  # b dropped: 4 px < 16
+    assert items[0]["pixel_values"].shape == (3, 32, 32)
+    assert data.dataset.filters.dropped["min_side"] == 1
