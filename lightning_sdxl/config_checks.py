@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_sdxl.data.latent_cache import check_cache_fits, read_cache_info
 from lightning_sdxl.diffusion.prediction import PREDICTIONS
+from lightning_sdxl.diffusion.stage_grid import StageGrid
 from lightning_sdxl.errors import ConfigError, MissingPathError
 from lightning_sdxl.io import check_replaceable
 from lightning_sdxl.losses import ADVERSARIAL_LOSSES
@@ -17,6 +18,7 @@ from lightning_sdxl.models.discriminator import DiscriminatorHead
 from lightning_sdxl.models.loading import check_pipeline_folder
 from lightning_sdxl.models.tiny import TINY_BLOCK_OUT_CHANNELS
 from lightning_sdxl.models.vae import vae_scale_factor
+from lightning_sdxl.plain_config import plain_config
 from lightning_sdxl.resume_checks import check_resume
 
 VALID_DTYPES = ("float32", "bfloat16", "float16")
@@ -129,6 +131,11 @@ def validate_config(cfg: DictConfig) -> None:
         start is None or start == "all" or (OmegaConf.is_list(start) and len(start) > 0),
         f"stage.start_timesteps={start}: a list of timesteps, 'all', or null (the student's grid).",
     )
+    if stage.get("pure_noise_weight", 1.0) != 1.0:  # the weighted start must exist (StageGrid checks)
+        try:
+            StageGrid(stage.teacher_steps, stage.student_steps, plain_config(start), stage.pure_noise_weight)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     init = cfg.get("student_init")
     if init is not None and not Path(str(init)).exists():
         raise MissingPathError(

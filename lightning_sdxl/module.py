@@ -80,6 +80,8 @@ class DistillationModule(L.LightningModule):
         student_steps: B, the student's steps.
         guidance_scale: the teacher's classifier-free guidance (6 in stage 128 to 32, else 1 = off).
         start_timesteps: multi-timestep training starts (1- and 2-step stages), None for the grid.
+        pure_noise_weight: the t = 999 start drawn this many times as often as each other (1: the
+            paper's uniform draw; `StageGrid`).
         loss: "mse", "cond_adv", "uncond_adv" or "mse_adv" (losses.LOSS_KINDS).
         adversarial_weight: lambda of `mse_adv`, L_G = MSE + lambda x adversarial (METHOD.md 7).
         discriminator_warmup: batches that train the discriminator alone before the generator
@@ -127,6 +129,7 @@ class DistillationModule(L.LightningModule):
         student_steps: int = 4,
         guidance_scale: float = 1.0,
         start_timesteps: list[int] | None = None,
+        pure_noise_weight: float = 1.0,
         loss: str = "cond_adv",
         adversarial_weight: float = 1.0,
         discriminator_warmup: int = 0,
@@ -167,7 +170,7 @@ class DistillationModule(L.LightningModule):
         self.automatic_optimization = False
         self.loss_kind = LOSS_KINDS[loss]
         self.adversarial = self.loss_kind.adversarial
-        self.grid = StageGrid(teacher_steps, student_steps, start_timesteps)
+        self.grid = StageGrid(teacher_steps, student_steps, start_timesteps, pure_noise_weight)
 
         components = load_sdxl(model_path, model_variant, text_encoders=not latent_cache)
         dtype = getattr(torch, frozen_dtype)

@@ -476,6 +476,8 @@ BAD_CONFIGS = [
     (["loss.renoise_weights=[1,1]"], ConfigError, "loss.renoise_weights"),
     (["loss.renoise_weights=[0,0,0,0]"], ConfigError, "loss.renoise_weights"),
     (["loss.renoise_weights=[-1,1,1,1]"], ConfigError, "loss.renoise_weights"),
+    (["stage=2to1", "stage.start_timesteps=[249,499]", "stage.pure_noise_weight=5"], ConfigError, "must include t = 999"),
+    (["stage.pure_noise_weight=0"], ConfigError, "stage.pure_noise_weight=0"),
     (["teacher_path=/nonexistent/teacher"], FileNotFoundError, "teacher_path"),
     (["discriminator.init=/nonexistent/d.safetensors"], FileNotFoundError, "discriminator.init"),
     (["loss=mse", "discriminator.init={tiny}/model_index.json"], ConfigError, "discriminator.init"),

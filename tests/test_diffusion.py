@@ -112,3 +112,20 @@ def test_move_equals_euler_trailing_step(schedule, num_steps):
         x_vp = move(schedule, prediction, x_vp, u, t_cur, t_next)
         # Euler keeps x in sigma space: x_vp = x_sigma * sqrt(a_t').
         assert torch.allclose(x_vp, x_sigma * schedule.alpha(t_next).sqrt(), atol=1e-4, rtol=1e-4)
+
+
+def test_stage_grid_draws_the_pure_noise_start_as_weighted():
+    from lightning_sdxl.diffusion.stage_grid import StageGrid
+
+    generator = torch.Generator().manual_seed(0)
+    uniform = StageGrid(2, 1, [249, 499, 749, 999])
+    weighted = StageGrid(2, 1, [249, 499, 749, 999], pure_noise_weight=5.0)
+    starts = lambda grid: grid.draw(40_000, generator)[0]
+    assert abs((starts(uniform) == 999).float().mean().item() - 1 / 4) < 0.01
+    drawn = starts(weighted)
+    assert abs((drawn == 999).float().mean().item() - 5 / 8) < 0.01  # 5 : 1 : 1 : 1
+    assert abs((drawn == 249).float().mean().item() - 1 / 8) < 0.01
+    # The student's own grid (4 to 2: starts 999 and 499) takes the weight too.
+    assert abs((starts(StageGrid(4, 2, pure_noise_weight=3.0)) == 999).float().mean().item() - 3 / 4) < 0.01
+    with pytest.raises(ValueError, match="must include t = 999"):
+        StageGrid(2, 1, [249, 499], pure_noise_weight=2.0)

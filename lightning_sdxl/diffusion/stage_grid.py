@@ -16,6 +16,9 @@ class StageGrid:
         start_timesteps: multi-timestep training starts (e.g. [249, 499, 749, 999] for the 1- and
             2-step stages); "all" for every timestep (the x0 conversion, METHOD.md 4); None trains
             from the student's own trailing grid.
+        pure_noise_weight: how much more often the jump from pure noise (t = 999) is drawn than
+            each other start; 1 draws every start equally often, as the paper (METHOD.md 2). At
+            toy scale only that jump leaves a gap the discriminator can see (docs/MEASUREMENTS.md).
         num_train_timesteps: 1000 for SDXL.
     """
 
@@ -24,6 +27,7 @@ class StageGrid:
         teacher_steps: int,
         student_steps: int,
         start_timesteps: list[int] | str | None = None,
+        pure_noise_weight: float = 1.0,
         num_train_timesteps: int = 1000,
     ):
         if student_steps < 1 or teacher_steps % student_steps:
@@ -42,8 +46,21 @@ class StageGrid:
             self.start_positions = torch.tensor(start_timesteps, dtype=torch.float64) + 1
         else:
             self.start_positions = trailing_positions(student_steps, num_train_timesteps)
+        self.start_probabilities = None  # uniform: drawn with randint, as before the weight existed
+        if pure_noise_weight != 1.0:
+            pure_noise = self.start_positions == num_train_timesteps  # position T = t + 1
+            if pure_noise_weight <= 0 or not pure_noise.any():
+                raise ValueError(
+                    f"stage.pure_noise_weight={pure_noise_weight} must be positive and the starts "
+                    f"{(self.start_positions - 1).tolist()} must include t = {num_train_timesteps - 1}."
+                )
+            weights = torch.where(pure_noise, float(pure_noise_weight), 1.0)
+            self.start_probabilities = weights / weights.sum()
 
     def draw(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(n + 1, B) teacher paths for uniformly drawn starts; row 0 is t, the last row t'."""
-        index = torch.randint(len(self.start_positions), (batch,), generator=generator)
+        """(n + 1, B) teacher paths for drawn starts; row 0 is t, the last row t'."""
+        if self.start_probabilities is None:
+            index = torch.randint(len(self.start_positions), (batch,), generator=generator)
+        else:
+            index = torch.multinomial(self.start_probabilities, batch, replacement=True, generator=generator)
         return jump_path(self.start_positions[index], self.jump, self.substeps)
