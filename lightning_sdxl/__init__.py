@@ -13,3 +13,13 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 # ${asset:toy-sdxl} in conf/ -> the packaged folder, wherever the package is installed.
 OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name), replace=True)
+
+
+def _tiny_sdxl(seed) -> str:
+    """${tiny_sdxl:<seed>} in conf/model/tiny.yaml -> the tiny model's folder, written on first use."""
+    from lightning_sdxl.models.tiny import tiny_sdxl_folder
+
+    return str(tiny_sdxl_folder(int(seed)))
+
+
+OmegaConf.register_new_resolver("tiny_sdxl", _tiny_sdxl, replace=True)

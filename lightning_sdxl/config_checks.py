@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_sdxl.data.latent_cache import check_cache_fits, read_cache_info
+from lightning_sdxl.data.latent_cache import check_cache_fits
 from lightning_sdxl.diffusion.prediction import PREDICTIONS
 from lightning_sdxl.diffusion.stage_grid import StageGrid
 from lightning_sdxl.errors import ConfigError, MissingPathError
@@ -211,9 +211,7 @@ _DATA_PATHS = {
 def _check_cache(cfg: DictConfig) -> None:
     """data=cached: the cache exists and was written by this model at this resolution."""
     if str(cfg.data.get("_target_", "")).endswith("CachedDataModule"):
-        # The tiny model's folder is built later (train.py); its default place is the cache's.
-        model_path = cfg.model.path if cfg.model.name != "tiny" else read_cache_info(cfg.data.cache_dir)["model"]
-        check_cache_fits(cfg.data.cache_dir, model_path, cfg.data.resolution)
+        check_cache_fits(cfg.data.cache_dir, str(cfg.model.path), cfg.data.resolution)
 
 
 def _check_data_root(data: DictConfig) -> None:

@@ -38,7 +38,6 @@ from lightning_sdxl.metrics.precision_recall import PrecisionRecall
 from lightning_sdxl.metrics.reference_stats import reference_id
 from lightning_sdxl.models.loading import check_pipeline_folder, frozen_encoders, load_sdxl
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition, unconditional_like
-from lightning_sdxl.models.tiny import model_folder
 from lightning_sdxl.models.vae import decode_latents, vae_scale_factor
 
 log = logging.getLogger(__name__)
@@ -267,9 +266,6 @@ def reference_features(metric: PrecisionRecall, references: torch.Tensor, batch_
 def evaluate(cfg: DictConfig) -> list[dict]:
     """Evaluate `cfg.target` at each of `cfg.steps`; returns the table rows."""
     validate_eval_config(cfg)
-    if cfg.model.name == "tiny":
-        with open_dict(cfg):
-            cfg.model.path = model_folder(cfg.model)
     # Metric networks first: missing weights fail before the model loads.
     fids = {name: instantiate_checked(cfg.metrics[name]) for name in ("fid_whole", "fid_patch")}
     clip_score = instantiate_checked(cfg.metrics.clip_score)

@@ -32,14 +32,13 @@ from lightning_sdxl.data.stored_conditions import write_conditions
 from lightning_sdxl.io import atomic_dir
 from lightning_sdxl.models.loading import frozen_encoders, load_sdxl
 from lightning_sdxl.models.text_encoding import build_condition
-from lightning_sdxl.models.tiny import model_folder
 
 log = logging.getLogger(__name__)
 
 
 def write_cache(cfg: DictConfig) -> Path:
     """Encode the first `cfg.max_items` items of `cfg.data` into `cfg.cache_dir` (replaced atomically)."""
-    model_path = model_folder(cfg.model)
+    model_path = str(cfg.model.path)
     datamodule = hydra.utils.instantiate(cfg.data)
     dataset = datamodule.world if isinstance(datamodule, ToyWorldDataModule) else datamodule.dataset
     count = len(dataset) if cfg.max_items is None else min(len(dataset), int(cfg.max_items))

@@ -51,7 +51,6 @@ from lightning_sdxl.export import (
 )
 from lightning_sdxl.io import atomic_dir, atomic_path
 from lightning_sdxl.lora_extract import extract_to_folder
-from lightning_sdxl.models.tiny import model_folder
 from lightning_sdxl.run_config import override_key
 from lightning_sdxl.train import train
 
@@ -226,7 +225,7 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
         extra_callbacks: added to every phase (tests).
     """
     root = Path(cfg.output_dir)
-    base = Path(model_folder(cfg.model))
+    base = Path(str(cfg.model.path))
     common = _user_overrides(overrides) + list(cfg.recipe.phase_overrides)
     if cfg.recipe.phase_experiment:
         common.append(f"experiment={cfg.recipe.phase_experiment}")

@@ -17,7 +17,6 @@ from lightning_sdxl.config_checks import validate_config
 from lightning_sdxl.errors import instantiate_checked
 from lightning_sdxl.io import AtomicCheckpointIO
 from lightning_sdxl.losses import ADVERSARIAL_LOSSES
-from lightning_sdxl.models.tiny import model_folder
 from lightning_sdxl.run_lock import check_not_locked, run_lock
 from lightning_sdxl.steps import to_optimizer_steps
 
@@ -102,9 +101,6 @@ def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     validate_config(cfg)
     check_not_locked(cfg.output_dir)  # before the models load; the lock itself is taken around fit
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.model.name == "tiny":
-        with open_dict(cfg):
-            cfg.model.path = model_folder(cfg.model)
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
     # Callbacks before the module: missing metric weights fail before SDXL loads.

@@ -116,8 +116,10 @@ def test_a_resumed_rank_continues_with_its_next_unseen_samples(tmp_path):
     write_shards(tmp_path, shards=3, per_shard=4)
     dataset = ShardDataset(str(tmp_path / "{00000..00002}.tar"), resolution=32)
     for rank in range(2):
-        epoch = lambda start: [dataset[i]["prompt"] for i in ResumableSampler(
-            len(dataset), 1, shuffle=True, seed=3, start_batch=start, rank=rank, world_size=2)]
+        def epoch(start, rank=rank):
+            sampler = ResumableSampler(len(dataset), 1, shuffle=True, seed=3, start_batch=start, rank=rank, world_size=2)
+            return [dataset[i]["prompt"] for i in sampler]
+
         uninterrupted, resumed = epoch(0), epoch(2)
         assert resumed == uninterrupted[2:] and len(resumed) == len(dataset) // 2 - 2
 

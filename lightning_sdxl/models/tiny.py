@@ -155,10 +155,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LIGHTNING_SDXL_HOME", Path.home() / ".cache" / "lightning_sdxl"))
 
 
-def model_folder(model) -> str:
-    """The weights of a `model` config group: the tiny model's folder (built on first use) for
-    model=tiny, else `model.path` (a folder or a hub id)."""
-    return str(ensure_tiny_sdxl(model.path, model.seed)) if model.name == "tiny" else str(model.path)
+def tiny_sdxl_folder(seed: int = 0) -> Path:
+    """The tiny model's folder under $LIGHTNING_SDXL_HOME (`${tiny_sdxl:<seed>}` in conf/model/tiny.yaml),
+    written on first use; an existing folder is returned as it is."""
+    folder = default_cache_dir() / f"tiny-sdxl-v{TINY_SDXL_VERSION}-seed{seed}"
+    return folder if (folder / "model_index.json").exists() else ensure_tiny_sdxl(folder, seed)
 
 
 def ensure_tiny_sdxl(folder: str | os.PathLike | None = None, seed: int = 0) -> Path:
