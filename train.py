@@ -11,7 +11,8 @@ from lightning_sdxl import run_config
 from lightning_sdxl.config_checks import validate_config
 from lightning_sdxl.errors import ConfigError
 from lightning_sdxl.finite_guard import NonFiniteTrainingError
-from lightning_sdxl.recipe import compose_train_config, run_recipe
+from lightning_sdxl.recipe import run_recipe
+from lightning_sdxl.run_config import compose_train_config
 from lightning_sdxl.train import train
 
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig
 
+from lightning_sdxl import CONF_DIR
 from lightning_sdxl.io import atomic_path
 
 RUN_OVERRIDES, RESUMES = "run_overrides.yaml", "resumes.yaml"
@@ -48,3 +52,11 @@ def record(output_dir: str | Path, overrides: list[str]) -> None:
     history = (yaml.safe_load(resumes.read_text()) or []) if resumes.is_file() else []
     with atomic_path(resumes) as temporary:
         temporary.write_text(yaml.safe_dump([*history, list(overrides)]))
+
+
+def compose_train_config(overrides: list[str]) -> DictConfig:
+    """conf/train.yaml with `overrides`, inside or outside a running Hydra app."""
+    if GlobalHydra.instance().is_initialized():  # inside python train.py (Hydra's app)
+        return compose("train", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)

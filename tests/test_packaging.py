@@ -30,7 +30,7 @@ def test_the_recipe_composes_from_an_installed_wheel(tmp_path):
     install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)]
     subprocess.run(install, check=True, capture_output=True, timeout=600)
     code = (
-        "import lightning_sdxl; from lightning_sdxl.recipe import compose_train_config, recipe_phases\n"
+        "import lightning_sdxl; from lightning_sdxl.recipe import recipe_phases; from lightning_sdxl.run_config import compose_train_config\n"
         "cfg = compose_train_config(['experiment=toy_recipe'])\n"
         "print(lightning_sdxl.__file__, len(recipe_phases(cfg.recipe)), cfg.model.path)"
     )

@@ -163,7 +163,7 @@ def test_recipe_on_two_ddp_processes_with_a_skip_level_teacher(tmp_path):
 
 
 def test_user_overrides_reach_every_phase_except_what_phases_set():
-    from lightning_sdxl.recipe import _user_overrides
+    from lightning_sdxl.recipe.run import _user_overrides
 
     given = ["experiment=toy_recipe", "stage=8to4", "loss=mse", "student=full", "student.lr=3e-4",
              "loss.renoise_weights=[5,1,1,1]", "model.path=/x", "recipe.stages=[2to1]", "data=folder", "data.root=/d"]
@@ -172,7 +172,7 @@ def test_user_overrides_reach_every_phase_except_what_phases_set():
 
 def test_a_hub_id_base_is_assembled_from_its_cached_snapshot(tiny_sdxl_path, tmp_path, monkeypatch):
     """model.path=stabilityai/stable-diffusion-xl-base-1.0: teachers link the cached snapshot's parts."""
-    from lightning_sdxl import recipe
+    from lightning_sdxl.recipe import products as recipe
 
     asked = []
     monkeypatch.setattr(recipe, "snapshot_download", lambda repo, local_files_only: asked.append(
@@ -184,3 +184,11 @@ def test_a_hub_id_base_is_assembled_from_its_cached_snapshot(tiny_sdxl_path, tmp
     assert asked == [("org/sdxl-base", True)]
     assert (teacher / "text_encoder_2").resolve() == (Path(tiny_sdxl_path) / "text_encoder_2").resolve()
     assert StableDiffusionXLPipeline.from_pretrained(str(teacher)).unet is not None
+
+
+def test_the_recipe_entry_refuses_a_config_without_a_recipe(tmp_path):
+    import sys
+
+    command = [sys.executable, "-m", "lightning_sdxl.recipe", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2 and "experiment=toy_recipe" in result.stderr

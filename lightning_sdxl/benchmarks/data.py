@@ -21,7 +21,7 @@ import hydra
 import torchvision
 
 from lightning_sdxl.benchmarks.step import trainer_free
-from lightning_sdxl.recipe import compose_train_config
+from lightning_sdxl.run_config import compose_train_config
 
 BATCH = 8
 

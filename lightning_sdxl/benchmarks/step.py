@@ -53,7 +53,7 @@ def build_module(stage: str, loss: str, student: str, resolution: int, model: st
     import hydra
 
     from lightning_sdxl.models.sdxl_architecture import meta_sdxl_components
-    from lightning_sdxl.recipe import compose_train_config
+    from lightning_sdxl.run_config import compose_train_config
 
     overrides = [f"stage={stage}", f"loss={loss}", f"student={student}", f"data.resolution={resolution}"]
     if model == "sdxl":

@@ -24,7 +24,7 @@ from lightning_sdxl import ASSETS_DIR
 from lightning_sdxl.data.toy_world import WORLDS, ToyWorld
 from lightning_sdxl.io import atomic_dir
 from lightning_sdxl.models.tiny import TOY_RESOLUTION, build_toy_sdxl
-from lightning_sdxl.recipe import compose_train_config
+from lightning_sdxl.run_config import compose_train_config
 from lightning_sdxl.toy.autoencoder import train_autoencoder
 from lightning_sdxl.train import train
 

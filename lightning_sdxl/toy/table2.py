@@ -42,12 +42,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from torchvision.utils import make_grid, save_image
 
+from lightning_sdxl import CONF_DIR
 from lightning_sdxl.evaluate import GRID_PROMPTS, evaluate, load_images
 from lightning_sdxl.io import atomic_path
 from lightning_sdxl.metrics.sharpness import HighFrequencyRatio
 from lightning_sdxl.module import CHANCE_BAND
-from lightning_sdxl.recipe import CONF_DIR, compose_train_config, stage_config
-from lightning_sdxl.run_config import override_key
+from lightning_sdxl.recipe import stage_config
+from lightning_sdxl.run_config import compose_train_config, override_key
 
 log = logging.getLogger(__name__)
 ARMS = {"adversarial": "uncond_adv", "mse": "mse", "mse_adv": "mse_adv"}  # arm -> loss
@@ -223,7 +224,7 @@ def score(
     """evaluate() on one model at `steps` (guidance 0, as the stages sample); returns its rows and
     its folder (`images/steps_<n>/` inside, and SCORE_FILE with the rows and the time taken). Reused when the model, steps and settings are unchanged;
     otherwise the folder's images are removed first (they may belong to an older model)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("eval", overrides=[
             "model=toy", "metrics=toy", f"steps=[{','.join(map(str, steps))}]", "guidance_scale=0",
             f"num_images={num_images}", f"batch_size={EVAL_BATCH}", f"target.name={name}", *target, *shared,

@@ -27,9 +27,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from torchvision.utils import make_grid, save_image
 
+from lightning_sdxl import CONF_DIR
 from lightning_sdxl.evaluate import GRID_PROMPTS, evaluate, load_images, markdown_table
 from lightning_sdxl.io import atomic_path
-from lightning_sdxl.recipe import CONF_DIR, DONE, compose_train_config, recipe_phases, run_recipe
+from lightning_sdxl.recipe import DONE, recipe_phases, run_recipe
+from lightning_sdxl.run_config import compose_train_config
 
 log = logging.getLogger(__name__)
 ARMS = ("adversarial", "mse")
@@ -68,7 +70,7 @@ def score(
     out: Path, name: str, target: list[str], steps: int, guidance: float, num_images: int, extra: list[str]
 ) -> tuple[dict, Path]:
     """eval.py on one model at one step count; returns its row and its image folder."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("eval", overrides=[
             "model=toy", "metrics=toy", f"steps={steps}", f"guidance_scale={guidance}",
             f"num_images={num_images}", "batch_size=64", f"target.name={name}", *target, *extra,
