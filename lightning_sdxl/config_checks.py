@@ -68,6 +68,8 @@ def validate_config(cfg: DictConfig) -> None:
         f"prediction.type={cfg.prediction.type}: choose one of {sorted(PREDICTIONS)} or prediction=teacher.",
     )
     _check_accelerator(cfg.trainer)
+    if stage.get("segments"):
+        _check_trajectory_segments(cfg)
     _require(cfg.steps >= 1, f"steps={cfg.steps}: train for at least 1 batch.")
     _require(cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size}: give at least 1 image per batch.")
     _require(cfg.student.lr > 0, f"student.lr={cfg.student.lr} must be > 0.")
@@ -131,7 +133,7 @@ def validate_config(cfg: DictConfig) -> None:
         start is None or start == "all" or (OmegaConf.is_list(start) and len(start) > 0),
         f"stage.start_timesteps={start}: a list of timesteps, 'all', or null (the student's grid).",
     )
-    if stage.get("pure_noise_weight", 1.0) != 1.0:  # the weighted start must exist (StageGrid checks)
+    if "student_steps" in stage and stage.get("pure_noise_weight", 1.0) != 1.0:  # the weighted start must exist
         try:
             StageGrid(stage.teacher_steps, stage.student_steps, plain_config(start), stage.pure_noise_weight)
         except ValueError as error:
@@ -206,6 +208,30 @@ _DATA_PATHS = {
     "image_root": (True, "the folder of the images the captions file names"),
     "manifest": (False, "a CSV or parquet manifest of image paths and captions"),
 }
+
+
+def _check_trajectory_segments(cfg: DictConfig) -> None:
+    """stage=tscd (Hyper-SD's TSCD, METHOD.md 7): its losses, grid and target network."""
+    stage = cfg.stage
+    _require(
+        cfg.loss.name in ("mse", "mse_adv"),
+        f"stage={stage.name} trains with loss=mse or loss=mse_adv (Hyper-SD's MSE + adversarial mix), not loss={cfg.loss.name}.",
+    )
+    _require(
+        stage.student_steps == stage.segments and stage.teacher_steps % stage.segments == 0,
+        f"stage.segments={stage.segments} must equal stage.student_steps={stage.student_steps} and divide "
+        f"stage.teacher_steps={stage.teacher_steps}.",
+    )
+    _require(
+        stage.consistency_target in ("ema", "online") and 0.0 <= stage.ema_decay < 1.0,
+        f"stage.consistency_target={stage.consistency_target}, stage.ema_decay={stage.ema_decay}: "
+        "choose ema (decay in [0, 1)) or online.",
+    )
+    strategy = str(cfg.trainer.get("strategy", {}).get("_target_", "")) if OmegaConf.is_dict(cfg.trainer.get("strategy")) else ""
+    _require(
+        not (strategy.endswith("FullyShardedStrategy") and stage.consistency_target == "ema"),
+        f"stage={stage.name} with trainer=fsdp: the EMA target is not sharded; use stage.consistency_target=online or trainer=ddp.",
+    )
 
 
 def _check_cache(cfg: DictConfig) -> None:

@@ -177,6 +177,9 @@ def export_info(module) -> dict:
         "student_type": module.pair.student_type,
         "files": [UNET_DIR, SCHEDULER_DIR, INFO_FILE],
     }
+    if hparams.get("segments"):  # Hyper-SD's TSCD: k segments over the teacher's N-step grid
+        info["stage"] = f"tscd{hparams.segments} (teacher grid {hparams.teacher_steps})"
+        info["consistency_target"] = hparams.consistency_target  # the online student is exported
     if getattr(module, "_trainer", None) is not None:
         info["global_step"] = module.trainer.global_step  # Lightning's: optimizer steps
     if is_lora_student(module):

@@ -25,12 +25,14 @@ from lightning_sdxl.data.stored_conditions import StoredConditions
 from lightning_sdxl.diffusion.prediction import get_prediction
 from lightning_sdxl.diffusion.sampler import sample, seeded_noise
 from lightning_sdxl.diffusion.schedule import CLEAN, NoiseSchedule
+from lightning_sdxl.diffusion.segments import TrajectorySegments
 from lightning_sdxl.diffusion.solver import move, solve
 from lightning_sdxl.diffusion.stage_grid import StageGrid
 from lightning_sdxl.finite_guard import NonFiniteGuard, all_finite
 from lightning_sdxl.losses import LOSS_KINDS, Renoiser, discriminator_loss, generator_loss, mse_loss
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.discriminator import Discriminator
+from lightning_sdxl.models.ema import EMAWeights
 from lightning_sdxl.models.loading import (
     check_same_noise_schedule,
     frozen_encoders,
@@ -115,6 +117,11 @@ class DistillationModule(L.LightningModule):
             (the discriminator is initialised from the teacher once per stage, METHOD.md 3).
         max_nonfinite_steps: optimizer steps in a row with a non-finite loss or gradient (skipped)
             before the run stops with NonFiniteTrainingError (`finite_guard.py`).
+        segments: Hyper-SD's TSCD (METHOD.md 7): k trajectory segments, the student mapping any
+            x_t of a segment to its end (`diffusion/segments.py`); None: SDXL-Lightning's stage jumps.
+        consistency_target: TSCD's target network, "ema" (an EMA of the student's trainable weights,
+            `models/ema.py`) or "online" (the student itself, without gradients).
+        ema_decay: the EMA target's decay per generator step.
         latent_cache: the latent cache the run trains from (`data=cached`, data/latent_cache.py): the
             text encoders and the VAE's encoder are not loaded; the validation prompts' conditions
             and the empty prompt come from the cache (data/stored_conditions.py). None: images.
@@ -155,6 +162,9 @@ class DistillationModule(L.LightningModule):
         teacher_path: str | None = None,
         discriminator_init: str | None = None,
         max_nonfinite_steps: int = 3,
+        segments: int | None = None,
+        consistency_target: str = "ema",
+        ema_decay: float = 0.95,
         latent_cache: str | None = None,
     ):
         super().__init__()
@@ -171,6 +181,9 @@ class DistillationModule(L.LightningModule):
         self.loss_kind = LOSS_KINDS[loss]
         self.adversarial = self.loss_kind.adversarial
         self.grid = StageGrid(teacher_steps, student_steps, start_timesteps, pure_noise_weight)
+        self.segments = TrajectorySegments(segments, teacher_steps) if segments else None
+        if consistency_target not in ("ema", "online"):
+            raise ValueError(f"stage.consistency_target={consistency_target!r}: choose 'ema' or 'online'.")
 
         components = load_sdxl(model_path, model_variant, text_encoders=not latent_cache)
         dtype = getattr(torch, frozen_dtype)
@@ -203,6 +216,8 @@ class DistillationModule(L.LightningModule):
         )
         if gradient_checkpointing:
             self.pair.unet.enable_gradient_checkpointing()
+        # TSCD's target network: the EMA of the student's trainable weights (after adapters exist).
+        self.ema = EMAWeights(self.pair.unet, ema_decay) if segments and consistency_target == "ema" else None
         self.renoiser = Renoiser(list(renoise_timesteps), list(renoise_weights)) if self.adversarial else None
         self.finite_guard = NonFiniteGuard(max_nonfinite_steps)
         # Per batch: (t, accuracy) per sample; on_train_start bounds it to the run's last fifth.
@@ -283,7 +298,10 @@ class DistillationModule(L.LightningModule):
 
     def jump(self, x0: torch.Tensor, condition: SDXLCondition) -> Jump:
         """One jump of the stage for latents x0 (METHOD.md 2, steps 1-4): t and t', x_t, the frozen
-        teacher's n-step target and the student's one-step x_{t'} (with gradients to the student)."""
+        teacher's n-step target and the student's one-step x_{t'} (with gradients to the student).
+        A TSCD stage's jump instead: `consistency_jump`."""
+        if self.segments is not None:
+            return self.consistency_jump(x0, condition)
         path = self.grid.draw(len(x0)).to(self.device)  # (n + 1, B): t, teacher substeps, t'
         t, t_next = path[0], path[-1]
         x_t = self.schedule.forward_process(x0, torch.randn_like(x0), t)  # (B, 4, R/f, R/f)
@@ -297,6 +315,29 @@ class DistillationModule(L.LightningModule):
         u = self.pair.student(x_t, t, condition)
         x_next_fake = move(self.schedule, self.student_prediction, x_t, u, t, t_next)
         return Jump(x_t, t, t_next, condition, x_next_real, x_next_fake)
+
+    def consistency_jump(self, x0: torch.Tensor, condition: SDXLCondition) -> Jump:
+        """Hyper-SD's TSCD jump (METHOD.md 7, `diffusion/segments.py`): t on the teacher's grid inside
+        a segment, one frozen teacher step to t_mid, the target network's map of x_{t_mid} to the
+        segment's end t_end (x_{t_mid} itself when t_mid is the end) as x_{t'}'s real, and the
+        student's map of x_t to t_end (with gradients) as its fake."""
+        t, t_mid, t_end = self.segments.draw(len(x0)).to(self.device)
+        x_t = self.schedule.forward_process(x0, torch.randn_like(x0), t)
+        with self.pair.teacher_mode():
+            x_mid = solve(
+                self.pair.teacher, self.schedule, self.teacher_prediction, x_t, torch.stack([t, t_mid]),
+                condition, self.uncondition(condition), self.hparams.guidance_scale,
+            )
+        with torch.no_grad():
+            if self.ema is not None:
+                u_mid = self.ema.call(self.pair.unet, x_mid, t_mid, **condition.unet_kwargs, return_dict=False)[0]
+            else:
+                u_mid = self.pair.student(x_mid, t_mid, condition)
+            mapped = move(self.schedule, self.student_prediction, x_mid, u_mid, t_mid, t_end)
+            x_target = torch.where((t_mid == t_end).view(-1, 1, 1, 1), x_mid, mapped)
+        u = self.pair.student(x_t, t, condition)
+        x_next_fake = move(self.schedule, self.student_prediction, x_t, u, t, t_end)
+        return Jump(x_t, t, t_end, condition, x_target, x_next_fake)
 
     def judged(self, jump: Jump) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(real, fake, t_judge): the jump's x_{t'} as the discriminator sees them, re-noised to t*
@@ -341,6 +382,8 @@ class DistillationModule(L.LightningModule):
                     adversarial = self.hparams.adversarial_weight * adversarial
                 loss = adversarial if loss is None else loss + adversarial
             self._optimizer_step(0, loss, "generator", batch_idx)
+        if self.ema is not None and (batch_idx + 1) % self.hparams.accumulate_grad_batches == 0:
+            self.ema.update(self.pair.unet)  # after the student's step (TSCD's target network)
 
     def discriminator_phase(self, jump: Jump, x_real, x_fake, t_judge, batch_idx: int) -> None:
         """Discriminator step: real and fake in one batch, d(x_t) computed once (METHOD.md 3)."""
@@ -519,6 +562,8 @@ class DistillationModule(L.LightningModule):
     def trainable_state_keys(self) -> set[str]:
         """Keys of the weights a checkpoint must hold: the student's trainable ones and the discriminator."""
         keys = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        if self.ema is not None:
+            keys |= {f"ema.{name}" for name in self.ema.state_dict()}
         if self.discriminator is not None:
             keys |= {f"discriminator.{name}" for name in self.discriminator.state_dict()}
         return keys

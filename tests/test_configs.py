@@ -402,12 +402,13 @@ def test_module_groups_instantiate(choices, tiny_sdxl_path, make_config):
     # model: frozen parts in the configured dtype.
     assert module.vae.dtype == getattr(torch, cfg.model.frozen_dtype)
 
-    # optim: one optimizer per model, lr from the student group, betas from the loss group.
+    # optim: one optimizer per model, lr from the student and discriminator groups, betas from the loss group.
     optimizers, schedulers = module.configure_optimizers()
     assert len(optimizers) == len(schedulers) == module.optimizers_per_batch
-    for optimizer, entry in zip(optimizers, (cfg.optim.generator, cfg.optim.discriminator)):
+    for optimizer, entry, lr in zip(optimizers, (cfg.optim.generator, cfg.optim.discriminator),
+                                    (cfg.student.lr, cfg.discriminator.lr)):
         assert type(optimizer) is _target_class(entry._target_)
-        assert optimizer.defaults["lr"] == cfg.student.lr
+        assert optimizer.defaults["lr"] == lr
         assert tuple(optimizer.defaults["betas"]) == tuple(cfg.loss.adam_betas)
     assert sum(p.numel() for group in optimizers[0].param_groups for p in group["params"]) == sum(
         p.numel() for p in module.pair.trainable_parameters()
@@ -478,6 +479,8 @@ BAD_CONFIGS = [
     (["loss.renoise_weights=[-1,1,1,1]"], ConfigError, "loss.renoise_weights"),
     (["stage=2to1", "stage.start_timesteps=[249,499]", "stage.pure_noise_weight=5"], ConfigError, "must include t = 999"),
     (["stage.pure_noise_weight=0"], ConfigError, "stage.pure_noise_weight=0"),
+    (["stage=tscd", "loss=uncond_adv"], ConfigError, "loss=mse or loss=mse_adv"),
+    (["stage=tscd", "loss=mse", "stage.consistency_target=x"], ConfigError, "stage.consistency_target=x"),
     (["teacher_path=/nonexistent/teacher"], FileNotFoundError, "teacher_path"),
     (["discriminator.init=/nonexistent/d.safetensors"], FileNotFoundError, "discriminator.init"),
     (["loss=mse", "discriminator.init={tiny}/model_index.json"], ConfigError, "discriminator.init"),

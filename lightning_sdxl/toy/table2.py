@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--arms", type=parse_list(list(ARMS)), default=list(ARMS),
                         help="comma-separated arms (default: adversarial,mse,mse_adv)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per arm (default 5)")
-    parser.add_argument("--phase-steps", type=int, default=200, help="batches per run (default 200)")
+    parser.add_argument("--phase-steps", type=int, default=400, help="batches per run (default 400, experiment=toy's steps)")
     parser.add_argument("--num-images", type=int, default=512, help="prompts per score (FID sample size)")
     parser.add_argument("overrides", nargs="*", help="train.py overrides for every run (model./metrics./data. ones also score)")
     args = parser.parse_args(argv)
