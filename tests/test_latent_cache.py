@@ -107,6 +107,18 @@ def test_a_cache_that_does_not_fit_is_refused_before_models_load(cache, tmp_path
         validate_config(cfg)
 
 
+def test_a_cache_without_stored_conditions_is_refused_before_models_load(cache, tmp_path):
+    import shutil
+
+    from lightning_sdxl.data.latent_cache import CONDITIONS_FILE, check_cache_fits, read_cache_info
+
+    old = tmp_path / "old_cache"
+    shutil.copytree(cache, old)
+    (old / CONDITIONS_FILE).unlink()
+    with pytest.raises(ConfigError, match="older precompute"):
+        check_cache_fits(old, read_cache_info(old)["model"], 64)
+
+
 def test_a_stage_teacher_linking_the_base_encoders_fits_the_cache_and_a_copy_does_not(cache, tmp_path):
     """The recipe's stage teachers link the base model's VAE and text encoders (recipe.finish_stage),
     so one cache serves every phase; another model's encoders are refused."""

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from lightning_sdxl.errors import ConfigError, MissingPathError
 
 CACHE_INFO = "cache_info.json"
+CONDITIONS_FILE = "conditions.safetensors"  # data/stored_conditions.py
 TENSOR_KEYS = ("latent_mean", "latent_logvar", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids")
 
 
@@ -76,6 +77,11 @@ def check_cache_fits(cache_dir: str | Path, model_path: str, resolution: int) ->
         raise ConfigError(
             f"data.cache_dir={cache_dir} holds {info['resolution']} px latents, the run trains at "
             f"data.resolution={resolution}: precompute a cache at this resolution or set data.resolution={info['resolution']}."
+        )
+    if not (Path(cache_dir) / CONDITIONS_FILE).is_file():
+        raise ConfigError(
+            f"data.cache_dir={cache_dir} holds no {CONDITIONS_FILE} (written by an older precompute): "
+            "write the cache again with python -m lightning_sdxl.precompute."
         )
     if info["encoders"] != encoder_files(model_path):
         raise ConfigError(

@@ -10,11 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_sdxl.errors import ConfigError
+from lightning_sdxl.data.latent_cache import CONDITIONS_FILE
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition
-
-CONDITIONS_FILE = "conditions.safetensors"
 
 
 def write_conditions(folder: Path, text_encoder: SDXLTextEncoder, prompts: list[str], resolution: int) -> None:
@@ -38,13 +36,8 @@ class StoredConditions:
     """
 
     def __init__(self, cache_dir: str | Path, prompts: list[str]):
-        file = Path(cache_dir) / CONDITIONS_FILE
-        if not file.is_file():
-            raise ConfigError(
-                f"data.cache_dir={cache_dir} holds no {CONDITIONS_FILE} (written by an older precompute): "
-                "write the cache again with python -m lightning_sdxl.precompute."
-            )
-        self.tensors = {key: value.float() for key, value in load_file(str(file)).items()}
+        # Its presence is checked with the cache before models load (latent_cache.check_cache_fits).
+        self.tensors = {key: value.float() for key, value in load_file(str(Path(cache_dir) / CONDITIONS_FILE)).items()}
         self.rows = {prompt: row for row, prompt in enumerate(prompts)}
 
     def condition(self, prompts: list[str], device: torch.device) -> SDXLCondition:
