@@ -260,9 +260,8 @@ class DistillationModule(L.LightningModule):
         """The empty-prompt condition when the teacher uses CFG (stage 128 to 32), else None."""
         if self.hparams.guidance_scale <= 1.0:
             return None
-        if self.stored_conditions is not None:
-            return self.stored_conditions.uncondition(condition)
-        return unconditional_like(self.text_encoder, condition).to(torch.float32)
+        encoder = self.text_encoder if self.stored_conditions is None else self.stored_conditions
+        return unconditional_like(encoder, condition).to(condition.add_time_ids.device, torch.float32)
 
     # ---- training ------------------------------------------------------------------------------
 

@@ -43,9 +43,7 @@ def write_cache(cfg: DictConfig) -> Path:
     dataset = datamodule.world if isinstance(datamodule, ToyWorldDataModule) else datamodule.dataset
     count = len(dataset) if cfg.max_items is None else min(len(dataset), int(cfg.max_items))
     dtype = getattr(torch, cfg.model.frozen_dtype)
-    components = load_sdxl(model_path, cfg.model.variant)
-    vae, text_encoder = frozen_encoders(components, dtype)
-    del components  # the UNet is not needed
+    vae, text_encoder = frozen_encoders(load_sdxl(model_path, cfg.model.variant, unet=False), dtype)  # no UNet
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae.to(device), text_encoder.to(device)
     size = (cfg.data.resolution,) * 2

@@ -16,12 +16,7 @@ from lightning_sdxl.data.datamodules import WebDatasetDataModule
 from lightning_sdxl.data.resumable import ResumableSampler
 from lightning_sdxl.data.shards import ShardDataset, expand_shards
 from lightning_sdxl.errors import MissingPathError
-
-
-def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+from lightning_sdxl.toy.write_shards import add_member as add
 
 
 def image_bytes(colour, fmt="JPEG", size=(48, 40), mode="RGB") -> bytes:

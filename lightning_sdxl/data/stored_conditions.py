@@ -27,7 +27,7 @@ def write_conditions(folder: Path, text_encoder: SDXLTextEncoder, prompts: list[
 
 
 class StoredConditions:
-    """`condition(prompts)` and `uncondition(condition)` from a cache's stored tensors, in float32 as
+    """`condition(prompts)` and the empty prompt's embeddings from a cache's stored tensors, in float32 as
     the module's own text path returns them.
 
     Args:
@@ -52,11 +52,8 @@ class StoredConditions:
             *(self.tensors[key][rows].to(device) for key in ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids"))
         )
 
-    def uncondition(self, condition: SDXLCondition) -> SDXLCondition:
-        """The empty-prompt condition with `condition`'s micro-conditioning (`unconditional_like`)."""
-        batch, device = len(condition.add_time_ids), condition.add_time_ids.device
-        return SDXLCondition(
-            self.tensors["empty_prompt_embeds"].to(device).expand(batch, -1, -1),
-            self.tensors["empty_pooled_prompt_embeds"].to(device).expand(batch, -1),
-            condition.add_time_ids,
-        )
+    def encode_unconditional(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored empty-prompt embeddings, repeated: `SDXLTextEncoder.encode_unconditional`'s
+        contract, so `text_encoding.unconditional_like` takes this object in the encoder's place."""
+        return (self.tensors["empty_prompt_embeds"].expand(batch_size, -1, -1),
+                self.tensors["empty_pooled_prompt_embeds"].expand(batch_size, -1))

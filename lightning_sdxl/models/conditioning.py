@@ -29,10 +29,11 @@ class SDXLCondition:
             "added_cond_kwargs": {"text_embeds": self.pooled_prompt_embeds, "time_ids": self.add_time_ids},
         }
 
-    def to(self, dtype: torch.dtype) -> SDXLCondition:
-        """The same condition in another dtype (text encoders may run in bf16, the UNet in fp32)."""
+    def to(self, *args) -> SDXLCondition:
+        """The same condition in another dtype and/or on another device (`Tensor.to`'s arguments; text
+        encoders may run in bf16, the UNet in fp32)."""
         return SDXLCondition(
-            self.prompt_embeds.to(dtype), self.pooled_prompt_embeds.to(dtype), self.add_time_ids.to(dtype)
+            self.prompt_embeds.to(*args), self.pooled_prompt_embeds.to(*args), self.add_time_ids.to(*args)
         )
 
     def cat(self, other: SDXLCondition) -> SDXLCondition:

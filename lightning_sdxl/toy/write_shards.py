@@ -22,7 +22,8 @@ from lightning_sdxl.data.toy_world import ToyWorld, render_scene
 from lightning_sdxl.io import atomic_dir
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Write `data` into `tar` as the member `name`."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
@@ -42,9 +43,9 @@ def write_toy_shards(out_dir: str | Path, shards: int = 4, per_shard: int = 256,
                     render_scene(scene, resolution).save(buffer, "PNG")  # the uint8 pixels ToyWorld scales
                     key = f"{shard:05d}{row:04d}"
                     meta = {"key": key, "caption": scene.caption, "width": resolution, "height": resolution}
-                    _add(tar, f"{key}.png", buffer.getvalue())
-                    _add(tar, f"{key}.txt", scene.caption.encode())
-                    _add(tar, f"{key}.json", json.dumps(meta).encode())
+                    add_member(tar, f"{key}.png", buffer.getvalue())
+                    add_member(tar, f"{key}.txt", scene.caption.encode())
+                    add_member(tar, f"{key}.json", json.dumps(meta).encode())
             (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"successes": per_shard, "count": per_shard}))
     return Path(out_dir)
 
