@@ -180,6 +180,8 @@ def export_info(module) -> dict:
     if hparams.get("segments"):  # Hyper-SD's TSCD: k segments over the teacher's N-step grid
         info["stage"] = f"tscd{hparams.segments} (teacher grid {hparams.teacher_steps})"
         info["consistency_target"] = hparams.consistency_target  # the online student is exported
+        # One LoRA for 1, 2, 4, 8 steps; TCD's k-step grid (diffusers 0.42) is the trailing grid of the segment ends.
+        info["scheduler"] = f"TCDScheduler (eta 0: the trained segment map) or {info['scheduler']}"
     if getattr(module, "_trainer", None) is not None:
         info["global_step"] = module.trainer.global_step  # Lightning's: optimizer steps
     if is_lora_student(module):

@@ -128,8 +128,10 @@ def test_table2_recipe_command_writes_the_table_and_grid(tmp_path):
     ])
     result = json.loads((out / "table2.json").read_text())
     models = [row["model"] for row in result["rows"]]
-    assert models == ["teacher"] + [f"{arm} {stage}" for arm in table2_recipe.ARMS for stage in table2_recipe.STAGE_STEPS]
-    assert [row["steps"] for row in result["rows"]] == [32] + [8, 4, 2, 1] * 2
+    progressive = [f"{arm} {stage}" for arm in ("adversarial", "mse") for stage in table2_recipe.STAGE_STEPS]
+    assert models == ["teacher", *progressive] + ["tscd LoRA"] * 4  # TSCD's one LoRA at 8, 4, 2, 1 steps
+    assert [row["steps"] for row in result["rows"]] == [32] + [8, 4, 2, 1] * 3
+    assert set(result["timing"]["arms"]) == set(table2_recipe.ARMS)
     assert all(math.isfinite(row[k]) for row in result["rows"] for k in ("fid_whole", "fid_patch", "clip_score"))
     assert (out / "grid.png").exists() and "| teacher | 32 |" in (out / "table2.md").read_text()
     # The shared 128 to 32 MSE phase ran once: the MSE arm links the adversarial arm's.

@@ -33,11 +33,12 @@ from lightning_sdxl.recipe.products import (
     assemble_teacher,
     finish_stage,
     local_model_folder,
+    write_lora_releases,
     write_releases,
 )
 from lightning_sdxl.recipe.run import run_recipe
 
 __all__ = [
     "BASE_LORA_DIR", "DONE", "RELEASES_FILE", "Phase", "assemble_teacher", "finish_stage", "local_model_folder",
-    "recipe_phases", "run_recipe", "skip_level_teachers", "stage_config", "write_releases",
+    "recipe_phases", "run_recipe", "skip_level_teachers", "stage_config", "write_lora_releases", "write_releases",
 ]

@@ -29,8 +29,49 @@ def stage_config(name: str) -> DictConfig:
     return OmegaConf.load(CONF_DIR / "stage" / f"{name}.yaml")
 
 
+def is_consistency_chain(recipe: DictConfig) -> bool:
+    """Hyper-SD's TSCD chain (`recipe.segments`, conf/experiment/*hypersd*.yaml) rather than the
+    progressive recipe."""
+    return bool(recipe.get("segments"))
+
+
+def first_teacher_steps(recipe: DictConfig) -> int:
+    """The step count of the base model's grid in the recipe's first phase."""
+    if is_consistency_chain(recipe):
+        return stage_config("tscd").teacher_steps
+    return stage_config(recipe.first_stage or recipe.stages[0]).teacher_steps
+
+
+def consistency_phases(recipe: DictConfig) -> list[Phase]:
+    """Hyper-SD's TSCD chain (METHOD.md 7): one LoRA trained on the base model through k =
+    recipe.segments (8, 4, 2, 1), each phase starting from the previous phase's LoRA; the distance
+    is MSE where `recipe.adversarial_weights` holds 0 and MSE + lambda x adversarial (loss=mse_adv)
+    where it holds lambda. The teacher is the base model throughout; D continues between
+    consecutive adversarial phases."""
+    segments, weights = list(recipe.segments), list(recipe.adversarial_weights)
+    if len(weights) != len(segments) or any(w < 0 for w in weights):
+        raise ConfigError(
+            f"recipe.adversarial_weights={weights} must give one weight >= 0 per entry of recipe.segments={segments} "
+            "(0: MSE only)."
+        )
+    if any(later >= earlier for earlier, later in zip(segments, segments[1:])):
+        raise ConfigError(f"recipe.segments={segments}: Hyper-SD merges segments, so k must shrink, e.g. [8, 4, 2, 1].")
+    phases = []
+    for index, (k, weight) in enumerate(zip(segments, weights)):
+        loss = ["loss=mse_adv", f"loss.adversarial_weight={weight}"] if weight else ["loss=mse"]
+        stage = ["stage=tscd", f"stage.segments={k}", f"stage.guidance_scale={recipe.guidance_scale}"]
+        phases.append(Phase(
+            f"tscd{k}_{'mse_adv' if weight else 'mse'}", [*stage, *loss, "student=lora"],
+            "lora" if index else None, result_steps=k,
+            continues_discriminator=bool(weight and index and weights[index - 1]),
+        ))
+    return phases
+
+
 def recipe_phases(recipe: DictConfig) -> list[Phase]:
-    """The phase list of `recipe` (conf/experiment/*recipe*.yaml)."""
+    """The phase list of `recipe` (conf/experiment/*recipe*.yaml, *hypersd*.yaml)."""
+    if is_consistency_chain(recipe):
+        return consistency_phases(recipe)
     phases = []
     if recipe.first_stage:
         phases.append(Phase(
@@ -71,6 +112,8 @@ def skip_level_teachers(recipe: DictConfig, phases: list[Phase]) -> dict[int, in
     """Phase index -> the steps of its skip-level teacher: the model one level above its teacher
     (METHOD.md 4: the 2 to 1 stage's unconditional phases learn from the 4-step model, 4 to 2's from
     the 8-step one). Raises ConfigError when the recipe never had that model."""
+    if is_consistency_chain(recipe):
+        return {}  # the base model teaches every phase
     first = recipe.first_stage or (recipe.stages[0] if recipe.stages else None)
     steps = stage_config(first).teacher_steps if first else None
     levels, plan = {steps}, {}

@@ -1,5 +1,6 @@
 """What a finished stage leaves for the next and for users: `teacher/` (a diffusers SDXL folder),
-`base_lora/` (the stage's model as a LoRA on the base) and `<output_dir>/releases.json`."""
+`base_lora/` (the stage's model as a LoRA on the base) and `<output_dir>/releases.json` (a TSCD
+chain's: one LoRA on the base for every step count)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,21 @@ def write_releases(root: Path, releases: dict[int, Path]) -> Path:
     return root / RELEASES_FILE
 
 
+
+
+def write_lora_releases(root: Path, export: Path, base: Path, step_counts) -> Path:
+    """`releases.json` of a TSCD chain (METHOD.md 7): the last phase's LoRA, trained on the base
+    model itself, for every step count, with the schedulers Hyper-SD's users take (TCD, whose k-step
+    grid in diffusers 0.42 is the trailing grid the segments end on, or the export's trailing Euler)."""
+    info = json.loads((export / INFO_FILE).read_text())
+    entries = {
+        f"{steps}step": {
+            "num_inference_steps": steps, "guidance_scale": 0.0, "prediction_type": info["prediction_type"],
+            "pipeline": str(base), "lora": str(export / LORA_FILE), "lora_kohya": str(export / KOHYA_FILE),
+            "scheduler": str(export / SCHEDULER_DIR), "tcd_scheduler": "TCDScheduler.from_config(pipe.scheduler.config)",
+        }
+        for steps in sorted(step_counts, reverse=True)
+    }
+    with atomic_path(root / RELEASES_FILE) as temporary:
+        temporary.write_text(json.dumps(entries, indent=2) + "\n")
+    return root / RELEASES_FILE

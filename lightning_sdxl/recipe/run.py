@@ -14,8 +14,8 @@ from omegaconf import DictConfig, open_dict
 
 from lightning_sdxl.config_checks import validate_config
 from lightning_sdxl.export import DISCRIMINATOR_FILE, INFO_FILE, LORA_FILE, UNET_DIR
-from lightning_sdxl.recipe.plan import recipe_phases, skip_level_teachers, stage_config
-from lightning_sdxl.recipe.products import DONE, finish_stage, write_releases
+from lightning_sdxl.recipe.plan import first_teacher_steps, is_consistency_chain, recipe_phases, skip_level_teachers
+from lightning_sdxl.recipe.products import DONE, finish_stage, write_lora_releases, write_releases
 from lightning_sdxl.run_config import compose_train_config, override_key
 from lightning_sdxl.train import train
 
@@ -37,7 +37,8 @@ def _user_overrides(overrides: list[str]) -> list[str]:
 
 
 def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Callback] = ()) -> Path:
-    """Run (or finish) every phase of `cfg.recipe`; returns the final teacher folder.
+    """Run (or finish) every phase of `cfg.recipe`; returns the final teacher folder (a TSCD
+    chain's: its last phase's export, which holds the LoRA for every step count).
 
     Several devices: Lightning's DDP launcher re-runs this command once per device when the first
     phase trains; every rank then walks the same phases, each phase's `train` joins the same
@@ -60,7 +61,7 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
     for phase in phases:
         validate_config(compose_train_config(common + phase.overrides + phase.extra + [f"model.path={base}"]))
     teacher, previous = base, None
-    steps = stage_config(cfg.recipe.first_stage or cfg.recipe.stages[0]).teacher_steps
+    steps = first_teacher_steps(cfg.recipe)
     models = {steps: base}  # steps -> the teacher folder of the model sampled with that many steps
     releases: dict[int, Path] = {}  # steps -> the phase folder of the stage result sampled with them
     lora_rank = cfg.recipe.get("base_lora_rank")
@@ -88,7 +89,10 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
             )
             with open_dict(phase_cfg):
                 phase_cfg.output_dir = str(phase_dir)
-                if not phase.result_steps and "export" in (phase_cfg.get("callbacks") or {}):
+                ships = bool(phase.result_steps)  # a stage's result; a TSCD chain's last phase only
+                if is_consistency_chain(cfg.recipe):
+                    ships = index == len(phases) - 1
+                if not ships and "export" in (phase_cfg.get("callbacks") or {}):
                     # Only a stage's result ships (releases.json): an SDXL single file is 7-14 GB.
                     phase_cfg.callbacks.export.single_file = False
             trainer = train(phase_cfg, extra_callbacks=list(extra_callbacks))
@@ -109,4 +113,8 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
                 releases[steps] = phase_dir
                 if rank_zero_only.rank == 0:
                     write_releases(root, releases)
+    if is_consistency_chain(cfg.recipe):
+        if rank_zero_only.rank == 0:
+            write_lora_releases(root, previous / "export", base, cfg.recipe.release_steps)
+        return previous / "export"
     return teacher
