@@ -4,7 +4,6 @@ LoRA sampled at 1, 2, 4 and 8 steps by a stock diffusers pipeline with TCDSchedu
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -4,6 +4,7 @@ from, which phases end a stage, and which take the skip-level teacher."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,7 +55,7 @@ def consistency_phases(recipe: DictConfig) -> list[Phase]:
             f"recipe.adversarial_weights={weights} must give one weight >= 0 per entry of recipe.segments={segments} "
             "(0: MSE only)."
         )
-    if any(later >= earlier for earlier, later in zip(segments, segments[1:])):
+    if any(later >= earlier for earlier, later in pairwise(segments)):
         raise ConfigError(f"recipe.segments={segments}: Hyper-SD merges segments, so k must shrink, e.g. [8, 4, 2, 1].")
     phases = []
     for index, (k, weight) in enumerate(zip(segments, weights)):

@@ -14,7 +14,12 @@ from omegaconf import DictConfig, open_dict
 
 from lightning_sdxl.config_checks import validate_config
 from lightning_sdxl.export import DISCRIMINATOR_FILE, INFO_FILE, LORA_FILE, UNET_DIR
-from lightning_sdxl.recipe.plan import first_teacher_steps, is_consistency_chain, recipe_phases, skip_level_teachers
+from lightning_sdxl.recipe.plan import (
+    first_teacher_steps,
+    is_consistency_chain,
+    recipe_phases,
+    skip_level_teachers,
+)
 from lightning_sdxl.recipe.products import DONE, finish_stage, write_lora_releases, write_releases
 from lightning_sdxl.run_config import compose_train_config, override_key
 from lightning_sdxl.train import train
