@@ -29,6 +29,8 @@ BASE_LINE = re.compile(r'^base = "[^"]*"', re.MULTILINE)
 
 def kind(code: str) -> str:
     """Which README block this is, by what it loads."""
+    if "TCDScheduler" in code:
+        return "tcd"
     if "load_lora_weights" in code:
         return "lora"
     if '"export/unet"' in code:
@@ -85,7 +87,7 @@ def snippet_call(pipe) -> Image.Image:
 
 
 def test_the_readme_blocks_are_the_ones_checked_here():
-    assert sorted(KINDS) == ["lora", "toy", "unet"]
+    assert sorted(KINDS) == ["lora", "tcd", "toy", "unet"]
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)), ids=KINDS)
