@@ -52,6 +52,22 @@ CHANCE_BAND = 0.05
 
 
 @dataclass
+class Judgement:
+    """The discriminator's one forward over a batch's distinct rows, shared by the generator and
+    discriminator phases (the lean step, `DistillationModule.judge_once`).
+
+    Attributes:
+        logits_real, logits_fake: (B,) D's logits of the teacher's and the student's x_{t'}.
+        fake_input: the student's x_{t'} as D saw it: a detached leaf, so D's graph stays apart from
+            the student's; the generator's gradient reaches the student through d loss / d fake_input.
+    """
+
+    logits_real: torch.Tensor
+    logits_fake: torch.Tensor
+    fake_input: torch.Tensor
+
+
+@dataclass
 class Jump:
     """One batch's jump t -> t' (METHOD.md 2): where it starts, both ends, the condition.
 
@@ -125,6 +141,8 @@ class DistillationModule(L.LightningModule):
         latent_cache: the latent cache the run trains from (`data=cached`, data/latent_cache.py): the
             text encoders and the VAE's encoder are not loaded; the validation prompts' conditions
             and the empty prompt come from the cache (data/stored_conditions.py). None: images.
+        shared_judgement: one discriminator forward shared by the generator and discriminator phases
+            (`judge_once`, the same maths); False: D judges in each phase (FSDP2 always does).
     """
 
     def __init__(
@@ -166,6 +184,7 @@ class DistillationModule(L.LightningModule):
         consistency_target: str = "ema",
         ema_decay: float = 0.95,
         latent_cache: str | None = None,
+        shared_judgement: bool = True,
     ):
         super().__init__()
         if loss not in LOSS_KINDS:
@@ -361,36 +380,79 @@ class DistillationModule(L.LightningModule):
             self.generator_phase(jump, None, None, batch_idx)
             return
         x_real, x_fake, t_judge = self.judged(jump)
-        self.generator_phase(jump, x_fake, t_judge, batch_idx)
-        self.discriminator_phase(jump, x_real, x_fake.detach(), t_judge, batch_idx)
+        shared = self.hparams.get("shared_judgement", True) and not self.sharded
+        judgement = self.judge_once(jump, x_real, x_fake, t_judge) if shared else None
+        self.generator_phase(jump, x_fake, t_judge, batch_idx, judgement)
+        self.discriminator_phase(jump, x_real, x_fake.detach(), t_judge, batch_idx, judgement)
 
-    def generator_phase(self, jump: Jump, x_fake, t_judge, batch_idx: int) -> None:
+    @property
+    def generator_is_judged(self) -> bool:
+        """The generator takes D's gradient (not during the discriminator warm-up)."""
+        return self.adversarial and self.batches_trained >= self.hparams.discriminator_warmup
+
+    def judge_once(self, jump: Jump, x_real, x_fake, t_judge) -> Judgement:
+        """The lean step's one discriminator forward over x_t, real and fake (METHOD.md 3), shared by
+        both phases: same numbers as judging in each phase, without D's second forward over x_t and
+        the fake rows (docs/benchmark_step.md). The fake runs through the backbone on its own, so the
+        generator's gradient into it traverses only its rows. Not under FSDP2 (`trains_only`)."""
+        fake_input = x_fake.detach().requires_grad_(self.generator_is_judged)
+        logits_real, logits_fake = self.discriminator.judge(
+            jump.x_t, jump.t, [x_real, fake_input], t_judge, jump.condition, last_apart=True
+        )
+        return Judgement(logits_real, logits_fake, fake_input)
+
+    def generator_phase(self, jump: Jump, x_fake, t_judge, batch_idx: int, judgement: Judgement | None = None) -> None:
         """Generator step: MSE to the teacher's x_{t'} and/or fooling the discriminator (not during
-        the discriminator warm-up). D's weights are toggled off before its forward, so their
-        gradients are never computed (under FSDP2 they are, and dropped: `trains_only`)."""
+        the discriminator warm-up). With the shared `judgement` D's gradient comes as
+        d loss / d fake_input, carried into the student by a backward of <fake, that gradient>
+        (the chain rule through the detached leaf), so D's weight gradients are never computed;
+        without it (FSDP2) D judges the fake here, its weights toggled off (under FSDP2 their
+        gradients are computed and dropped: `trains_only`)."""
         generator = self._as_list(self.optimizers())[0]
+        adversarial, through_fake = None, None
+        if self.generator_is_judged and judgement is not None:
+            # Before D's weights are toggled off: a checkpointed D backbone recomputes its forward in
+            # this backward and must save what the original forward saved. D's graph is kept for the
+            # discriminator phase.
+            adversarial = self.weighted_adversarial(judgement.logits_fake)
+            (gradient,) = torch.autograd.grad(adversarial, judgement.fake_input, retain_graph=True)
+            through_fake = (x_fake * gradient).sum()
         with self.trains_only(generator):
-            loss = mse_loss(jump.x_next_fake, jump.x_next_real) if self.loss_kind.regression else None
-            if self.adversarial and self.batches_trained >= self.hparams.discriminator_warmup:
+            if self.generator_is_judged and judgement is None:
                 (logits_fake,) = self.discriminator.judge(
                     jump.x_t, jump.t, [x_fake], t_judge, jump.condition, start_gradient=False
                 )
-                adversarial = generator_loss(logits_fake)
-                if loss is not None:  # mse_adv: MSE + lambda x adversarial (METHOD.md 7)
-                    self.log("loss/generator_adversarial", adversarial.detach())
-                    adversarial = self.hparams.adversarial_weight * adversarial
+                adversarial = through_fake = self.weighted_adversarial(logits_fake)
+            loss = mse_loss(jump.x_next_fake, jump.x_next_real) if self.loss_kind.regression else None
+            backward_loss = loss
+            if adversarial is not None:
                 loss = adversarial if loss is None else loss + adversarial
-            self._optimizer_step(0, loss, "generator", batch_idx)
+                backward_loss = through_fake if backward_loss is None else backward_loss + through_fake
+            self._optimizer_step(0, loss, "generator", batch_idx, backward_loss)
         if self.ema is not None and (batch_idx + 1) % self.hparams.accumulate_grad_batches == 0:
             self.ema.update(self.pair.unet)  # after the student's step (TSCD's target network)
 
-    def discriminator_phase(self, jump: Jump, x_real, x_fake, t_judge, batch_idx: int) -> None:
-        """Discriminator step: real and fake in one batch, d(x_t) computed once (METHOD.md 3)."""
+    def weighted_adversarial(self, logits_fake: torch.Tensor) -> torch.Tensor:
+        """The generator's adversarial loss (METHOD.md 3), x lambda under mse_adv (METHOD.md 7)."""
+        adversarial = generator_loss(logits_fake)
+        if self.loss_kind.regression:  # mse_adv: MSE + lambda x adversarial
+            self.log("loss/generator_adversarial", adversarial.detach())
+            adversarial = self.hparams.adversarial_weight * adversarial
+        return adversarial
+
+    def discriminator_phase(
+        self, jump: Jump, x_real, x_fake, t_judge, batch_idx: int, judgement: Judgement | None = None
+    ) -> None:
+        """Discriminator step: real and fake in one batch, d(x_t) computed once (METHOD.md 3); the
+        shared `judgement`'s logits when given."""
         discriminator = self._as_list(self.optimizers())[1]
         with self.trains_only(discriminator):
-            logits_real, logits_fake = self.discriminator.judge(
-                jump.x_t, jump.t, [x_real, x_fake], t_judge, jump.condition
-            )
+            if judgement is None:
+                logits_real, logits_fake = self.discriminator.judge(
+                    jump.x_t, jump.t, [x_real, x_fake], t_judge, jump.condition
+                )
+            else:
+                logits_real, logits_fake = judgement.logits_real, judgement.logits_fake
             extra_fakes = self._conditioning_fakes(jump.x_t, jump.t, x_real, t_judge, jump.condition)
             loss = discriminator_loss(logits_real, torch.cat([logits_fake, *extra_fakes]))
             self._optimizer_step(1, loss, "discriminator", batch_idx)
@@ -471,9 +533,13 @@ class DistillationModule(L.LightningModule):
                                      "no_signal": abs(accuracy - 0.5) <= CHANCE_BAND}
         return self.discriminator_signal
 
-    def _optimizer_step(self, index: int, loss: torch.Tensor | None, name: str, batch_idx: int) -> None:
+    def _optimizer_step(
+        self, index: int, loss: torch.Tensor | None, name: str, batch_idx: int, backward_loss: torch.Tensor | None = None
+    ) -> None:
         """Backward for optimizer `index`; every `accumulate_grad_batches` batches clip, step and
-        advance its LR schedule. Called inside `trains_only` of that optimizer.
+        advance its LR schedule. Called inside `trains_only` of that optimizer. `backward_loss`
+        (default: `loss`) is what the backward runs from when it has the same gradient but another
+        value (the generator's, through the shared judgement); `loss` is logged and checked.
 
         loss=None (the discriminator warm-up) steps without gradients: Adam leaves the weights as
         they are, and `global_step` still advances, so the step convention holds. A non-finite loss
@@ -484,7 +550,7 @@ class DistillationModule(L.LightningModule):
         finite = lambda tensors: self.trainer.strategy.reduce_boolean_decision(all_finite(tensors), all=True)
         finite_loss = loss is None or finite([loss.detach()])  # the same answer on every rank
         if loss is not None and finite_loss:
-            self.manual_backward(loss / accumulate)
+            self.manual_backward((loss if backward_loss is None else backward_loss) / accumulate)
         stepping = (batch_idx + 1) % accumulate == 0
         finite_step = finite_loss and (not stepping or finite([p.grad for g in optimizer.param_groups for p in g["params"]]))
         self.finite_guard.check(finite_step, name, "loss" if not finite_loss else "gradient", self.batches_trained)

@@ -330,3 +330,35 @@ def test_discriminator_init_continues_an_earlier_phase(make_config, tiny_sdxl_pa
     phase_b, _ = build_module(make_config, tiny_sdxl_path, "loss=uncond_adv", f"discriminator.init={saved}")
     for key, value in phase_b.discriminator.backbone.state_dict().items():
         assert torch.equal(value, phase_a.discriminator.backbone.state_dict()[key]), key
+
+
+SGD = ["optim.generator._target_=torch.optim.SGD", "~optim.generator.betas",
+       "optim.discriminator._target_=torch.optim.SGD", "~optim.discriminator.betas"]
+
+
+@pytest.mark.parametrize("loss,student", [("cond_adv", "lora"), ("uncond_adv", "full"), ("mse_adv", "lora")])
+def test_the_shared_judgement_trains_as_judging_in_each_phase(make_config, tiny_sdxl_path, loss, student, monkeypatch):
+    """The lean step (one D forward shared by both phases, the generator's gradient through the
+    detached fake) ends one batch with the same student and discriminator as the step that judges
+    in each phase (FSDP2's path), to float rounding. SGD, so the comparison is not Adam's sign-like
+    first step amplifying rounding (docs/MEASUREMENTS.md "Sharding")."""
+    results, shared_calls = [], []
+    for lean in (True, False):
+        torch.manual_seed(0)
+        module, cfg = build_module(make_config, tiny_sdxl_path, f"loss={loss}", f"student={student}",
+                                   "student.lr=0.05", "discriminator.lr=0.05", f"discriminator.shared_forward={lean}", *SGD)
+        before = snapshot(module)
+        judge_once = module.judge_once
+        module.judge_once = lambda *args, judge_once=judge_once: shared_calls.append(1) or judge_once(*args)
+        torch.manual_seed(1)
+        run_one_batch(module, cfg)
+        results.append(snapshot(module))
+    assert shared_calls == [1]
+    lean, judged = results
+    moved = {k for k in before if not torch.equal(before[k], lean[k])}
+    assert any(k.startswith("discriminator.") for k in moved) and any(k.startswith("pair.") for k in moved)
+    worst = max((lean[k] - judged[k]).abs().max().item() for k in lean)
+    for part in ("pair.", "discriminator."):  # each optimizer moved its weights far beyond the difference
+        update = max((lean[k] - before[k]).abs().max().item() for k in moved if k.startswith(part))
+        assert update > 1e3 * max(worst, 1e-9), (part, update, worst)
+    assert worst < 1e-6, worst

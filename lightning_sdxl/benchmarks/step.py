@@ -16,8 +16,10 @@ The method's minimum per sample, each term counted the same way on the same modu
               loss into D's weights over those rows, and the generator's backward through the
               backbone into the student's rows only (no weight gradients).
 Latents and text embeddings are taken as cached (a latent cache makes the VAE encoder and text
-encoders free), so the real step's VAE encode and text encoding count as excess. Gradient
-checkpointing's recomputation counts as excess too: it is a memory trade.
+encoders free), so the real step's VAE encode and text encoding count as excess (`--cached`
+measures the step from a latent cache). Gradient checkpointing's recomputation counts as excess
+too: it is a memory trade (`--no-checkpointing` measures the step without it; the memory table
+says where that fits).
 
 Prints a table of TFLOPs per sample and their ratio; the last line reads
 `max FLOPs ratio to the method's minimum: X.XX`.
@@ -48,8 +50,8 @@ def count_flops(function) -> int:
     return counter.get_total_flops()
 
 
-def build_module(stage: str, loss: str, student: str, resolution: int, model: str):
-    """The DistillationModule train.py would build for this phase, on the meta device."""
+def build_module(stage: str, loss: str, student: str, resolution: int, model: str, extra: tuple[str, ...] = ()):
+    """The DistillationModule train.py would build for this phase (`extra`: more overrides), on the meta device."""
     import hydra
 
     from lightning_sdxl.models.sdxl_architecture import meta_sdxl_components
@@ -68,7 +70,7 @@ def build_module(stage: str, loss: str, student: str, resolution: int, model: st
         path = str(ensure_tiny_sdxl())
         overrides = ["model=tiny", f"model.path={path}", *overrides]
         components = lambda: _on_meta(load_sdxl(path))
-    cfg = compose_train_config(overrides)
+    cfg = compose_train_config([*overrides, *extra])
     with mock.patch("lightning_sdxl.module.load_sdxl", lambda *args, **kwargs: components()):
         module = hydra.utils.instantiate(cfg.module)
     return module.to("meta")
@@ -109,10 +111,10 @@ def trainer_free(module, before_backward=lambda: None):
     if module.discriminator is not None:
         optimizers.append(_Optimizer(module.discriminator.parameters()))
 
-    def optimizer_step(index, loss, name, batch_idx):
+    def optimizer_step(index, loss, name, batch_idx, backward_loss=None):
         before_backward()
         if loss is not None:
-            loss.backward()
+            (loss if backward_loss is None else backward_loss).backward()
 
     with (
         mock.patch.object(module, "optimizers", lambda: optimizers),
@@ -287,14 +289,17 @@ def static_bytes(module, strategy: str, gpus: int) -> float:
     return 16 * count / gpus + 2 * 2 * largest_block + 2 * frozen
 
 
-def memory_table(resolution: int, model: str, gpus: int = 8) -> list[str]:
+def memory_table(resolution: int, model: str, gpus: int = 8, shared: bool = True) -> list[str]:
+    """Rows per phase, checkpointing and strategy. DDP's step shares D's forward between the phases
+    when `shared` (discriminator.shared_forward); FSDP's never does (module.judge_once)."""
     rows = ["| phase | strategy | checkpointing | static GB | activations GB / sample | batch 4 GB | batch 8 GB |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for stage, loss, student in (("8to4", "cond_adv", "lora"), ("2to1", "uncond_adv", "full")):
         module = build_module(stage, loss, student, resolution, model)
         for checkpointing in CHECKPOINTING:
-            activations = activation_bytes(module, 1, resolution, checkpointing)
             for strategy in ("ddp", "fsdp"):
+                module.hparams.shared_judgement = shared and strategy == "ddp"
+                activations = activation_bytes(module, 1, resolution, checkpointing)
                 static = static_bytes(module, strategy, gpus)
                 name = "DDP" if strategy == "ddp" else f"FSDP x {gpus}"
                 rows.append(
@@ -312,15 +317,23 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--skip-memory", action="store_true", help="only the FLOPs table")
     parser.add_argument("--cached", action="store_true", help="the step from a latent cache (data=cached): no VAE "
                         "encoder or text encoders in the step")
+    parser.add_argument("--no-checkpointing", action="store_true", help="student.gradient_checkpointing=false "
+                        "(experiment=sdxl turns it on; its recomputation is a memory trade, see the memory table)")
+    parser.add_argument("--no-shared-forward", action="store_true", help="discriminator.shared_forward=false: D "
+                        "judges again in its own phase (as under trainer=fsdp)")
     args = parser.parse_args(argv)
+    extra = ("student.gradient_checkpointing=false",) if args.no_checkpointing else ()
+    extra += ("discriminator.shared_forward=false",) if args.no_shared_forward else ()
     phases = [tuple(p.split(":")) for p in args.phases] if args.phases else PHASES
     batch, worst = 1, 0.0
     source = "from a latent cache (data=cached)" if args.cached else "from images"
+    source += ", without gradient checkpointing" if args.no_checkpointing else ", student gradient checkpointing (experiment=sdxl)"
+    source += ", D judging in each phase (trainer=fsdp's step)" if args.no_shared_forward else ", D's forward shared (DDP, one device)"
     print(f"TFLOPs per sample, {args.model} architecture at {args.resolution} px, step {source} (FlopCounterMode, meta device)")
     print("| stage | loss | student | real step | minimum | ratio | minimum's terms |")
     print("| --- | --- | --- | ---: | ---: | ---: | --- |")
     for stage, loss, student in phases:
-        module = build_module(stage, loss, student, args.resolution, args.model)
+        module = build_module(stage, loss, student, args.resolution, args.model, extra)
         real = step_flops(module, batch, args.resolution, args.cached) / batch
         terms = {name: value / batch for name, value in minimum_flops(module, batch).items()}
         minimum = sum(terms.values())
@@ -331,7 +344,7 @@ def main(argv: list[str] | None = None) -> float:
     if not args.skip_memory:
         print(f"\nMemory per GPU (GB), {args.model} architecture at {args.resolution} px, Adam, bf16 autocast "
               "(static: counted from the weights; activations: saved-for-backward bytes of the real step)")
-        print("\n".join(memory_table(args.resolution, args.model)))
+        print("\n".join(memory_table(args.resolution, args.model, shared=not args.no_shared_forward)))
     print(f"max FLOPs ratio to the method's minimum: {worst:.2f}")
     return worst
 

@@ -437,6 +437,7 @@ class Discriminator(nn.Module):
         t_next: torch.Tensor | int,
         condition: SDXLCondition,
         start_gradient: bool = True,
+        last_apart: bool = False,
     ) -> list[torch.Tensor]:
         """Logits for each candidate x_{t'} (e.g. [real, fake]) in one backbone forward.
 
@@ -454,6 +455,9 @@ class Discriminator(nn.Module):
                 step: x_t does not depend on the student and D's weights are frozen). d(x_t) then runs
                 apart, without a graph, instead of in the batch whose backward would carry input
                 gradients for its rows (3.2 TFLOPs per sample at 1024 px, `benchmarks/step.py`).
+            last_apart: the last candidate runs through the backbone in its own call (the same
+                numbers): a gradient taken into it alone then traverses only its rows, not the
+                whole batch's (the shared judgement of `DistillationModule.judge_once`).
 
         Returns:
             k tensors of (B,) logits, in the order of `candidates`.
@@ -470,12 +474,16 @@ class Discriminator(nn.Module):
         if start_in_batch:
             samples.insert(0, x_t)
             timesteps.insert(0, _batch_timesteps(t, batch, device))
-        n = len(samples)
-        features = self.backbone(
-            torch.cat(samples),  # (n B, 4, H, W)
-            torch.cat(timesteps),  # (n B,)
-            condition.repeat(n),
-        )  # (n B, C_mid, h, w)
+        groups = [(samples[:-1], timesteps[:-1]), (samples[-1:], timesteps[-1:])] if last_apart else [(samples, timesteps)]
+        parts = [
+            self.backbone(
+                torch.cat(group),  # (n B, 4, H, W)
+                torch.cat(group_timesteps),  # (n B,)
+                condition.repeat(len(group)),
+            )  # (n B, C_mid, h, w)
+            for group, group_timesteps in groups if group
+        ]
+        features = parts[0] if len(parts) == 1 else torch.cat(parts)
         start_features, next_features = None, features  # d(x_{t'}, t', c): (k B, C_mid, h, w)
         if start_in_batch:
             start_features, next_features = features[:batch], features[batch:]  # d(x_t, t, c): (B, C_mid, h, w)
