@@ -19,6 +19,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_sdxl.data.latent_cache import read_cache_info, sample_latents
 from lightning_sdxl.data.stored_conditions import StoredConditions
@@ -29,6 +30,7 @@ from lightning_sdxl.diffusion.segments import TrajectorySegments
 from lightning_sdxl.diffusion.solver import move, solve
 from lightning_sdxl.diffusion.stage_grid import StageGrid
 from lightning_sdxl.finite_guard import NonFiniteGuard, all_finite
+from lightning_sdxl.gradient_reduction import GradientReduction, reduce_owned_buckets
 from lightning_sdxl.losses import LOSS_KINDS, Renoiser, discriminator_loss, generator_loss, mse_loss
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.discriminator import Discriminator
@@ -247,6 +249,7 @@ class DistillationModule(L.LightningModule):
         self.teacher_samples: dict[tuple, torch.Tensor] = {}  # validation batch -> teacher latents
         self.strict_loading = False  # checkpoints hold trainable weights only (on_save_checkpoint)
         self.sharded = False  # set by configure_model under trainer=fsdp
+        self.gradient_reduction = GradientReduction()  # DDP: which buckets a backward all-reduces
 
     @classmethod
     def for_inference(cls, checkpoint_path: str | Path, **overrides) -> DistillationModule:
@@ -492,6 +495,10 @@ class DistillationModule(L.LightningModule):
         return [wrong_caption, wrong_start]
 
     def on_train_start(self) -> None:
+        model = self.trainer.strategy.model
+        if isinstance(model, DistributedDataParallel) and self.optimizers_per_batch > 1:
+            # One all-reduce per optimizer: each backward reduces its own optimizer's buckets only.
+            model.register_comm_hook(self.gradient_reduction, reduce_owned_buckets)
         # Only the last fifth of the planned batches is ever measured: keep no more (long runs).
         planned = to_batches(self.trainer.max_steps, self.optimizers_per_batch, self.accumulate_grad_batches)
         self.discriminator_accuracies = deque(maxlen=max(1, planned // 5) if planned > 0 else None)
@@ -550,7 +557,8 @@ class DistillationModule(L.LightningModule):
         finite = lambda tensors: self.trainer.strategy.reduce_boolean_decision(all_finite(tensors), all=True)
         finite_loss = loss is None or finite([loss.detach()])  # the same answer on every rank
         if loss is not None and finite_loss:
-            self.manual_backward((loss if backward_loss is None else backward_loss) / accumulate)
+            with self.gradient_reduction.only(p for g in optimizer.param_groups for p in g["params"]):
+                self.manual_backward((loss if backward_loss is None else backward_loss) / accumulate)
         stepping = (batch_idx + 1) % accumulate == 0
         finite_step = finite_loss and (not stepping or finite([p.grad for g in optimizer.param_groups for p in g["params"]]))
         self.finite_guard.check(finite_step, name, "loss" if not finite_loss else "gradient", self.batches_trained)
