@@ -49,7 +49,8 @@ FILE_IDS = [f"{group}={name}" for group, name in ALL_FILES]
 MODULE_GROUPS = ("stage", "loss", "prediction", "student", "discriminator", "optim", "model")
 # Model files that name real weights (a hub id): composed and validated, never instantiated offline.
 HUB_MODELS = ("sdxl",)
-HANDLED_GROUPS = {"data", "callbacks", "logger", "trainer", "experiment", "metrics", "module", *MODULE_GROUPS}
+# recipe: the recipes' plans (test_recipe.py, test_hypersd.py walk them; composed here).
+HANDLED_GROUPS = {"data", "callbacks", "logger", "trainer", "experiment", "metrics", "module", "recipe", *MODULE_GROUPS}
 # Teacher training (stage=teacher: module=teacher, loss=denoising) builds the TeacherModule instead.
 TEACHER_FILES = {("stage", "teacher"), ("loss", "denoising"), ("module", "teacher")}
 
@@ -86,7 +87,7 @@ def _required_overrides(group: str, name: str, tiny: str, root: str) -> list[str
         return [f"data.shards={_small_shard(Path(root) / 'shards')}"]
     if (group, name) == ("data", "cached"):
         return [f"data.cache_dir={_small_cache(Path(root) / 'cache', tiny)}"]
-    if (group, name) in (("experiment", "sdxl"), ("experiment", "sdxl_recipe")):
+    if (group, name) in (("experiment", "sdxl"), ("experiment", "sdxl_recipe"), ("experiment", "sdxl_hypersd")):
         return [f"model.path={tiny}", f"data.root={root}"]
     if (group, name) in TEACHER_FILES - {("stage", "teacher")}:
         return ["stage=teacher"]

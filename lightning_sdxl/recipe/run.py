@@ -58,7 +58,7 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
     root = Path(cfg.output_dir)
     base = Path(str(cfg.model.path))
     common = _user_overrides(overrides) + list(cfg.recipe.phase_overrides)
-    if cfg.recipe.phase_experiment:
+    if cfg.recipe.get("phase_experiment"):  # the recipe group alone (recipe=progressive) runs the default experiment
         common.append(f"experiment={cfg.recipe.phase_experiment}")
     phases = recipe_phases(cfg.recipe)
     skip_levels = skip_level_teachers(cfg.recipe, phases)
