@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
             f"this command {timing['total_s']} s ({timing['training_s']} s training, {timing['evaluation_s']} s scoring)."
         ),
         "Training time per arm (as first trained; " + f"{timing['threads']} torch threads): "
-        + "; ".join(f"{arm} {t['training_s']} s" + (" (resumed)" if t.get("resumed") else "") for arm, t in arm_times.items()) + ".",
+        + "; ".join(f"{arm} {t['training_s']} s" + (" (phases finished before, e.g. a shared first phase, not counted)" if t.get("resumed") else "") for arm, t in arm_times.items()) + ".",
     ]
     with atomic_path(args.out / "table2.md") as temporary:
         temporary.write_text("\n".join(lines) + "\n")
