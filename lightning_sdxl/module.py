@@ -350,12 +350,19 @@ class DistillationModule(L.LightningModule):
                 condition, self.uncondition(condition), self.hparams.guidance_scale,
             )
         with torch.no_grad():
-            if self.ema is not None:
-                u_mid = self.ema.call(self.pair.unet, x_mid, t_mid, **condition.unet_kwargs, return_dict=False)[0]
-            else:
-                u_mid = self.pair.student(x_mid, t_mid, condition)
-            mapped = move(self.schedule, self.student_prediction, x_mid, u_mid, t_mid, t_end)
-            x_target = torch.where((t_mid == t_end).view(-1, 1, 1, 1), x_mid, mapped)
+            # The target network runs only on rows whose teacher step stopped short of the end (under
+            # FSDP on every row: each rank must join every sharded forward).
+            short = t_mid != t_end
+            rows = torch.arange(len(x0), device=self.device) if self.sharded else short.nonzero().squeeze(1)
+            x_target = x_mid.clone()
+            if len(rows):
+                x, t_from, part = x_mid[rows], t_mid[rows], condition.index(rows)
+                if self.ema is not None:
+                    u_mid = self.ema.call(self.pair.unet, x, t_from, **part.unet_kwargs, return_dict=False)[0]
+                else:
+                    u_mid = self.pair.student(x, t_from, part)
+                mapped = move(self.schedule, self.student_prediction, x, u_mid, t_from, t_end[rows])
+                x_target[rows] = torch.where(short[rows].view(-1, 1, 1, 1), mapped, x)
         u = self.pair.student(x_t, t, condition)
         x_next_fake = move(self.schedule, self.student_prediction, x_t, u, t, t_end)
         return Jump(x_t, t, t_end, condition, x_target, x_next_fake)

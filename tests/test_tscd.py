@@ -117,3 +117,35 @@ def test_tscd_with_the_adversarial_mix_trains_checkpoints_its_ema_and_exports(ma
     assert any(key.startswith("discriminator.") for key in state)
     info = json.loads((tmp_path / "run" / "export" / "export_info.json").read_text())
     assert info["stage"].startswith("tscd2") and info["consistency_target"] == "ema"
+
+
+@pytest.mark.parametrize("target", ["ema", "online"])
+def test_the_target_network_skips_rows_already_at_their_segment_end(make_config, tiny_sdxl_path, target):
+    """Rows whose teacher step reaches the segment's end take x_{t_mid} itself as target, so the
+    target network runs only on the others: the same jump as running it on every row (FSDP's way)."""
+    import hydra
+    from omegaconf import open_dict
+
+    cfg = make_config("stage=tscd", "stage.segments=2", "stage.teacher_steps=4", "loss=mse",
+                      f"stage.consistency_target={target}")
+    with open_dict(cfg):
+        cfg.model.path = tiny_sdxl_path
+    module = hydra.utils.instantiate(cfg.module)
+    x0 = torch.randn(8, 4, module.latent_size, module.latent_size)
+    condition = module.condition(["a red circle"] * 8)
+    calls, unet_forward = [], module.pair.unet.forward
+    module.pair.unet.forward = lambda sample, *args, **kwargs: calls.append(len(sample)) or unet_forward(sample, *args, **kwargs)
+    jumps = []
+    for sharded in (False, True):
+        module.sharded = sharded
+        torch.manual_seed(3)
+        calls.clear()
+        with torch.no_grad():
+            jumps.append(module.consistency_jump(x0, condition))
+        jumps[-1].calls = list(calls)
+    skipped, every = jumps
+    torch.testing.assert_close(skipped.x_next_real, every.x_next_real, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(skipped.x_next_fake, every.x_next_fake, rtol=1e-5, atol=1e-6)
+    # k = 2 over 4 teacher steps: starts 749 and 249 reach their end in one teacher step. The UNet
+    # (teacher, target and student for a LoRA student) saw fewer rows when the target skipped them.
+    assert sum(skipped.calls) < sum(every.calls)
