@@ -162,6 +162,28 @@ def test_recipe_on_two_ddp_processes_with_a_skip_level_teacher(tmp_path):
     assert log.count("is done, skipped") == len(names) and "(starting)" not in log and "(resuming)" not in log
 
 
+@pytest.mark.slow
+def test_recipe_under_fsdp_on_two_processes(tmp_path):
+    """The recipe with trainer=fsdp (2 gloo processes): every phase shards, trains, exports and
+    hands its result on (the x0 conversion's teacher, the 1-step release and its base LoRA)."""
+    overrides = [o for o in CPU_OVERRIDES if not o.startswith("trainer=")]
+    command = [
+        sys.executable, "train.py", *overrides, "experiment=toy_recipe", "recipe.first_stage=null",
+        "recipe.stages=[2to1]", "trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
+        "trainer.strategy.param_dtype=null", "steps=2", "checkpoint.every_n_steps=2", "validation.every_n_steps=2",
+        "logger=none", f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                            timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = ["00_x0_conversion", "01_2to1_a_lora_cond", "02_2to1_b_lora_uncond", "03_2to1_c_full_uncond"]
+    assert sorted(path.parent.name for path in tmp_path.glob(f"*/{DONE}")) == names
+    assert all((tmp_path / name / "checkpoints" / "last.ckpt").is_dir() for name in names)  # folders of shards: FSDP
+    assert list(json.loads((tmp_path / RELEASES_FILE).read_text())) == ["1step"]
+    assert (tmp_path / "03_2to1_c_full_uncond" / BASE_LORA_DIR / "lora.safetensors").exists()
+
+
 def test_user_overrides_reach_every_phase_except_what_phases_set():
     from lightning_sdxl.recipe.run import _user_overrides
 
