@@ -1,4 +1,4 @@
-"""One gradient all-reduce per optimizer under DDP (issue: DDP traffic).
+"""One gradient all-reduce per optimizer under DDP (README, "DDP traffic").
 
 One DDP wrapper sees one forward and two backwards per adversarial batch (the generator's and the
 discriminator's), and each backward all-reduces every bucket: the stepping optimizer's gradients
@@ -11,7 +11,6 @@ and the traffic halves. Measured the same way with the hook: 695,808 + 954,433 e
 and the weights after 3 SGD batches equal DDP's default to the bit (tests: test_gradient_reduction.py
 counts, test_fsdp.py's DDP-equals-FSDP check runs with it).
 """
-
 
 from contextlib import contextmanager
 

@@ -20,6 +20,10 @@ Its LoRA for the base model (`base_lora/`, extracted from the full UNet: the pha
 the stage's teacher) and `<output_dir>/releases.json` (per step count: pipeline, UNet, scheduler,
 single file, LoRA) are what users ship.
 
+Hyper-SD's TSCD chain (`experiment=toy_hypersd` / `sdxl_hypersd`, METHOD.md 7) walks the same way:
+one LoRA on the base model through k = 8, 4, 2, 1 segments, each phase continuing the previous one's
+LoRA, the base model teaching every phase; `releases.json` lists the last LoRA for 1, 2, 4 and 8 steps.
+
 Modules: `plan.py` (the phases and skip-level teachers of a recipe config), `products.py` (what a
 finished stage leaves: teacher folder, base LoRA, releases.json), `run.py` (walking the phases).
 Entry points: `python train.py experiment=toy_recipe` or `python -m lightning_sdxl.recipe experiment=...`.

@@ -1,5 +1,5 @@
-"""A recipe's phases (METHOD.md 2-4): which stage, loss and student each trains, what it starts
-from, which phases end a stage, and which take the skip-level teacher."""
+"""A recipe's phases (METHOD.md 2-4, 7): which stage, loss and student each trains, what it starts
+from, which phases end a stage, and which take the skip-level teacher; or Hyper-SD's TSCD chain."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def stage_config(name: str) -> DictConfig:
 
 
 def is_consistency_chain(recipe: DictConfig) -> bool:
-    """Hyper-SD's TSCD chain (`recipe.segments`, conf/experiment/*hypersd*.yaml) rather than the
-    progressive recipe."""
+    """Hyper-SD's TSCD chain (`recipe.segments`, conf/recipe/hypersd.yaml) rather than the
+    progressive recipe (conf/recipe/progressive.yaml)."""
     return bool(recipe.get("segments"))
 
 
@@ -70,7 +70,7 @@ def consistency_phases(recipe: DictConfig) -> list[Phase]:
 
 
 def recipe_phases(recipe: DictConfig) -> list[Phase]:
-    """The phase list of `recipe` (conf/experiment/*recipe*.yaml, *hypersd*.yaml)."""
+    """The phase list of `recipe` (conf/recipe/)."""
     if is_consistency_chain(recipe):
         return consistency_phases(recipe)
     phases = []
