@@ -195,8 +195,9 @@ def release_targets(releases: Path, args: argparse.Namespace) -> list[Target]:
         if args.steps is not None and steps != args.steps:
             continue
         name = releases.parent.name or "release"
-        pipeline = _resolve_in_release(entry["pipeline"], releases.parent)
-        if not args.base and _usable_base(str(pipeline)):  # the stage's whole SDXL folder
+        # A TSCD chain's release has no pipeline of its own (one LoRA on the base): its export is sampled.
+        pipeline = _resolve_in_release(entry["pipeline"], releases.parent) if "pipeline" in entry else None
+        if pipeline and not args.base and _usable_base(str(pipeline)):  # the stage's whole SDXL folder
             targets.append(Target(name, "pipeline", pipeline, str(pipeline), steps, resolution))
         elif (exports[steps] / INFO_FILE).is_file():  # moved without the base's links, or --base: its export
             target = export_target(exports[steps], argparse.Namespace(**{**vars(args), "steps": steps}), name)
@@ -204,7 +205,7 @@ def release_targets(releases: Path, args: argparse.Namespace) -> list[Target]:
             targets.append(target)
         else:
             raise MissingPathError(
-                f"{releases}: the {steps}-step release's pipeline {entry['pipeline']} and UNet {entry['unet']} "
+                f"{releases}: the {steps}-step release's pipeline {entry.get('pipeline')} and UNet {entry['unet']} "
                 "are not here: copy the run folder whole, or sample its export/ folders with --base."
             )
     return targets

@@ -100,3 +100,15 @@ def test_one_exported_lora_samples_at_1_2_4_and_8_steps_with_the_tcd_scheduler(c
 def _with(pipe: StableDiffusionXLPipeline, scheduler) -> StableDiffusionXLPipeline:
     pipe.scheduler = scheduler
     return pipe
+
+
+def test_the_sample_command_takes_the_chain_s_release(chain, tmp_path):
+    """`python -m lightning_sdxl.sample <run>/releases.json`: the chain's model (its export, the base
+    with the LoRA merged, not the bare base) at every listed step count."""
+    from lightning_sdxl import sample
+
+    root, export, _, _ = chain
+    sample.main([str(root / RELEASES_FILE), "--prompt", "a red circle", "--out", str(tmp_path / "out")])
+    records = json.loads((tmp_path / "out" / sample.INDEX_FILE).read_text())
+    assert sorted(record["steps"] for record in records) == sorted(STEP_COUNTS)
+    assert {record["source"] for record in records} == {str(export / "unet")}

@@ -82,11 +82,12 @@ def write_lora_releases(root: Path, export: Path, base: Path, step_counts) -> Pa
     model itself, for every step count, with the schedulers Hyper-SD's users take (TCD, whose k-step
     grid in diffusers 0.42 is the trailing grid the segments end on, or the export's trailing Euler)."""
     info = json.loads((export / INFO_FILE).read_text())
-    entries = {
+    entries = {  # no "pipeline": the base model's folder holds the base UNet, not this model
         f"{steps}step": {
             "num_inference_steps": steps, "guidance_scale": 0.0, "prediction_type": info["prediction_type"],
-            "pipeline": str(base), "lora": str(export / LORA_FILE), "lora_kohya": str(export / KOHYA_FILE),
-            "scheduler": str(export / SCHEDULER_DIR), "tcd_scheduler": "TCDScheduler.from_config(pipe.scheduler.config)",
+            "base_model": str(base), "lora": str(export / LORA_FILE), "lora_kohya": str(export / KOHYA_FILE),
+            "unet": str(export / UNET_DIR), "scheduler": str(export / SCHEDULER_DIR),
+            "tcd_scheduler": "TCDScheduler.from_config(pipe.scheduler.config)",
         }
         for steps in sorted(step_counts, reverse=True)
     }
