@@ -1,5 +1,6 @@
 """Hyper-SD's TSCD chain (METHOD.md 7): k = 8 -> 4 -> 2 -> 1 in one resumable command, and its one
-LoRA sampled at 1, 2, 4 and 8 steps by a stock diffusers pipeline with TCDScheduler."""
+LoRA sampled at 1, 2, 4 and 8 steps by a stock diffusers pipeline with TCDScheduler. The chain's
+tests share one run of it (about 45 s with them), so they are in `pytest -m slow`, which CI runs."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def chain(tmp_path_factory):
     return root, export, spy.starts, cfg
 
 
+@pytest.mark.slow
 def test_the_chain_resumes_and_releases_one_lora_for_every_step_count(chain):
     root, export, starts, _ = chain
     assert sorted(p.parent.name for p in root.glob(f"*/{DONE}")) == [
@@ -75,6 +77,7 @@ def tiny_images(pipe, steps: int) -> torch.Tensor:
                 output_type="pt", **kwargs).images
 
 
+@pytest.mark.slow
 def test_one_exported_lora_samples_at_1_2_4_and_8_steps_with_the_tcd_scheduler(chain):
     """Hyper-SD's users' path: the base pipeline, the LoRA file, TCDScheduler. In diffusers 0.42 its
     k-step grid is the trailing grid the segments end on, and at eta 0 a TCD step is the DDIM move
@@ -102,6 +105,7 @@ def _with(pipe: StableDiffusionXLPipeline, scheduler) -> StableDiffusionXLPipeli
     return pipe
 
 
+@pytest.mark.slow
 def test_the_sample_command_takes_the_chain_s_release(chain, tmp_path):
     """`python -m lightning_sdxl.sample <run>/releases.json`: the chain's model (its export, the base
     with the LoRA merged, not the bare base) at every listed step count."""
