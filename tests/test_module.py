@@ -234,6 +234,7 @@ def test_discriminator_learns_a_known_gap_and_generalises(make_config, tiny_sdxl
     assert accuracy(*held_out) >= 0.85
 
 
+@pytest.mark.slow  # a D trained for ~18 s: in `pytest -m slow`, which CI runs
 def test_conditioning_probe_right_pairing_scores_above_wrong_caption_and_wrong_x_t(make_config, tiny_sdxl_path):
     """With `conditioning_fakes`, the conditional D learns the pairing: on held-out samples it scores
     the right (caption, x_t, x_{t'}) above the same x_{t'} with another caption or another x_t."""

@@ -77,6 +77,7 @@ def consistency_gaps(module, segments: int, count: int = 16) -> tuple[float, flo
     return torch.mean((maps[0] - maps[1]) ** 2).item(), torch.mean((maps[0] - x_end) ** 2).item()
 
 
+@pytest.mark.slow  # two 60-batch toy runs, ~37 s: in `pytest -m slow`, which CI runs
 @pytest.mark.parametrize("target", ["ema", "online"])
 def test_a_short_tscd_run_brings_a_segment_s_maps_together(tmp_path, target):
     """Issue 16's check: after a short run on the toy, the student's maps from two points of one
