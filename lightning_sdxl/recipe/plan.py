@@ -24,6 +24,7 @@ class Phase:
     result_steps: int | None = None  # the steps its result samples with (None: its teacher's)
     continues_discriminator: bool = False  # starts from the previous phase's discriminator
     skip_level: bool = False  # its teacher is the model one level up (recipe.skip_level_stages)
+    ships: bool = False  # its export is released (a stage's result; a TSCD chain's last phase): single file too
 
 
 def stage_config(name: str) -> DictConfig:
@@ -63,7 +64,7 @@ def consistency_phases(recipe: DictConfig) -> list[Phase]:
         stage = ["stage=tscd", f"stage.segments={k}", f"stage.guidance_scale={recipe.guidance_scale}"]
         phases.append(Phase(
             f"tscd{k}_{'mse_adv' if weight else 'mse'}", [*stage, *loss, "student=lora"],
-            "lora" if index else None, result_steps=k,
+            "lora" if index else None, result_steps=k, ships=index == len(segments) - 1,
             continues_discriminator=bool(weight and index and weights[index - 1]),
         ))
     return phases
@@ -78,7 +79,7 @@ def recipe_phases(recipe: DictConfig) -> list[Phase]:
         phases.append(Phase(
             f"{recipe.first_stage}_mse", [f"stage={recipe.first_stage}", "loss=mse", "student=full"],
             ends_stage=True, extra=list(recipe.mse_overrides),
-            result_steps=stage_config(recipe.first_stage).student_steps,
+            result_steps=stage_config(recipe.first_stage).student_steps, ships=True,
         ))
     for stage in recipe.stages:
         prediction = []
@@ -103,7 +104,7 @@ def recipe_phases(recipe: DictConfig) -> list[Phase]:
             ),
             Phase(
                 f"{stage}_c_full_{name[b]}", [f"stage={stage}", f"loss={b}", "student=full", *prediction], "unet",
-                ends_stage=True, result_steps=steps, continues_discriminator=carry, skip_level=skip,
+                ends_stage=True, result_steps=steps, ships=True, continues_discriminator=carry, skip_level=skip,
             ),
         ]
     return phases

@@ -70,11 +70,13 @@ def write_releases(root: Path, releases: dict[int, Path]) -> Path:
         if (lora / LORA_FILE).exists():  # on the base model; an x0 LoRA also needs the x0 scheduler
             entry.update(lora=str(lora / LORA_FILE), lora_kohya=str(lora / KOHYA_FILE))
         entries[f"{steps}step"] = entry
+    return _write_releases_file(root, entries)
+
+
+def _write_releases_file(root: Path, entries: dict) -> Path:
     with atomic_path(root / RELEASES_FILE) as temporary:
         temporary.write_text(json.dumps(entries, indent=2) + "\n")
     return root / RELEASES_FILE
-
-
 
 
 def write_lora_releases(root: Path, export: Path, base: Path, step_counts) -> Path:
@@ -91,6 +93,4 @@ def write_lora_releases(root: Path, export: Path, base: Path, step_counts) -> Pa
         }
         for steps in sorted(step_counts, reverse=True)
     }
-    with atomic_path(root / RELEASES_FILE) as temporary:
-        temporary.write_text(json.dumps(entries, indent=2) + "\n")
-    return root / RELEASES_FILE
+    return _write_releases_file(root, entries)

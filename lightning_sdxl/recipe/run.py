@@ -94,10 +94,7 @@ def run_recipe(cfg: DictConfig, overrides: list[str], extra_callbacks: list[L.Ca
             )
             with open_dict(phase_cfg):
                 phase_cfg.output_dir = str(phase_dir)
-                ships = bool(phase.result_steps)  # a stage's result; a TSCD chain's last phase only
-                if is_consistency_chain(cfg.recipe):
-                    ships = index == len(phases) - 1
-                if not ships and "export" in (phase_cfg.get("callbacks") or {}):
+                if not phase.ships and "export" in (phase_cfg.get("callbacks") or {}):
                     # Only a stage's result ships (releases.json): an SDXL single file is 7-14 GB.
                     phase_cfg.callbacks.export.single_file = False
             trainer = train(phase_cfg, extra_callbacks=list(extra_callbacks))
