@@ -297,9 +297,12 @@ def memory_table(resolution: int, model: str, gpus: int = 8, shared: bool = True
     for stage, loss, student in (("8to4", "cond_adv", "lora"), ("2to1", "uncond_adv", "full")):
         module = build_module(stage, loss, student, resolution, model)
         for checkpointing in CHECKPOINTING:
+            measured = {}  # shared judgement -> activations: the strategies differ only in that
             for strategy in ("ddp", "fsdp"):
-                module.hparams.shared_judgement = shared and strategy == "ddp"
-                activations = activation_bytes(module, 1, resolution, checkpointing)
+                module.hparams.shared_judgement = key = shared and strategy == "ddp"
+                if key not in measured:
+                    measured[key] = activation_bytes(module, 1, resolution, checkpointing)
+                activations = measured[key]
                 static = static_bytes(module, strategy, gpus)
                 name = "DDP" if strategy == "ddp" else f"FSDP x {gpus}"
                 rows.append(
