@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_sdxl.activation_checkpointing import enable_activation_checkpointing
 from lightning_sdxl.data.latent_cache import read_cache_info, sample_latents
 from lightning_sdxl.data.stored_conditions import StoredConditions
 from lightning_sdxl.diffusion.prediction import get_prediction
@@ -55,18 +56,20 @@ CHANCE_BAND = 0.05
 
 @dataclass
 class Judgement:
-    """The discriminator's one forward over a batch's distinct rows, shared by the generator and
-    discriminator phases (the lean step, `DistillationModule.judge_once`).
+    """The discriminator's one forward over the student's rows [and x_t's], shared by the generator
+    and discriminator phases (the lean step, `DistillationModule.judge_once`).
 
     Attributes:
-        logits_real, logits_fake: (B,) D's logits of the teacher's and the student's x_{t'}.
+        logits_fake: (B,) D's logits of the student's x_{t'}, with D's graph.
         fake_input: the student's x_{t'} as D saw it: a detached leaf, so D's graph stays apart from
             the student's; the generator's gradient reaches the student through d loss / d fake_input.
+        start_features: d(x_t, t, c) with its graph (conditional D; else None), for the real rows'
+            logits that the discriminator phase adds (`Discriminator.judge_real`).
     """
 
-    logits_real: torch.Tensor
     logits_fake: torch.Tensor
     fake_input: torch.Tensor
+    start_features: torch.Tensor | None
 
 
 @dataclass
@@ -115,7 +118,9 @@ class DistillationModule(L.LightningModule):
         lora_rank: LoRA rank.
         lora_alpha: LoRA alpha (None: equal to the rank).
         lora_target_modules: module name suffixes that get LoRA adapters (None: LCM-LoRA's).
-        gradient_checkpointing: trade compute for memory in the student UNet.
+        gradient_checkpointing: activation checkpointing of the student UNet's blocks, "none",
+            "selective" or "full" (`activation_checkpointing.py`; true / false: full / none).
+        discriminator_checkpointing: the same for the discriminator's backbone.
         prediction_type: the student's prediction type; None keeps the teacher's.
         head_blocks: discriminator head depth (4x4 stride-2 conv blocks); None: as many as leave
             4 x 4 pixels (`DiscriminatorHead.blocks_for`).
@@ -144,7 +149,7 @@ class DistillationModule(L.LightningModule):
             text encoders and the VAE's encoder are not loaded; the validation prompts' conditions
             and the empty prompt come from the cache (data/stored_conditions.py). None: images.
         shared_judgement: one discriminator forward shared by the generator and discriminator phases
-            (`judge_once`, the same maths); False: D judges in each phase (FSDP2 always does).
+            (`judge_once`, the same maths); False: D judges in each phase.
     """
 
     def __init__(
@@ -167,7 +172,8 @@ class DistillationModule(L.LightningModule):
         lora_rank: int | None = 64,
         lora_alpha: float | None = None,
         lora_target_modules: list[str] | None = LCM_LORA_TARGET_MODULES,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: str | bool = "none",
+        discriminator_checkpointing: str | bool = "none",
         prediction_type: str | None = None,
         head_blocks: int | None = None,
         head_channels: int | None = None,
@@ -231,12 +237,12 @@ class DistillationModule(L.LightningModule):
             )
             if discriminator_init:
                 self.discriminator.continue_from(discriminator_init)
+            enable_activation_checkpointing(self.discriminator.backbone, discriminator_checkpointing)
         self.pair = StudentTeacher(
             components.unet, student_type, lora_rank, lora_alpha, tuple(lora_target_modules or LCM_LORA_TARGET_MODULES), dtype,
             student_init, teacher=separate_teacher,
         )
-        if gradient_checkpointing:
-            self.pair.unet.enable_gradient_checkpointing()
+        enable_activation_checkpointing(self.pair.unet, gradient_checkpointing)
         # TSCD's target network: the EMA of the student's trainable weights (after adapters exist).
         self.ema = EMAWeights(self.pair.unet, ema_decay) if segments and consistency_target == "ema" else None
         self.renoiser = Renoiser(list(renoise_timesteps), list(renoise_weights)) if self.adversarial else None
@@ -390,8 +396,8 @@ class DistillationModule(L.LightningModule):
             self.generator_phase(jump, None, None, batch_idx)
             return
         x_real, x_fake, t_judge = self.judged(jump)
-        shared = self.hparams.get("shared_judgement", True) and not self.sharded
-        judgement = self.judge_once(jump, x_real, x_fake, t_judge) if shared else None
+        shared = self.hparams.get("shared_judgement", True)
+        judgement = self.judge_once(jump, x_fake, t_judge) if shared else None
         self.generator_phase(jump, x_fake, t_judge, batch_idx, judgement)
         self.discriminator_phase(jump, x_real, x_fake.detach(), t_judge, batch_idx, judgement)
 
@@ -400,16 +406,20 @@ class DistillationModule(L.LightningModule):
         """The generator takes D's gradient (not during the discriminator warm-up)."""
         return self.adversarial and self.batches_trained >= self.hparams.discriminator_warmup
 
-    def judge_once(self, jump: Jump, x_real, x_fake, t_judge) -> Judgement:
-        """The lean step's one discriminator forward over x_t, real and fake (METHOD.md 3), shared by
+    def judge_once(self, jump: Jump, x_fake, t_judge) -> Judgement:
+        """The lean step's one discriminator forward over x_t and the fake (METHOD.md 3), shared by
         both phases: same numbers as judging in each phase, without D's second forward over x_t and
         the fake rows (docs/benchmark_step.md). The fake runs through the backbone on its own, so the
-        generator's gradient into it traverses only its rows. Not under FSDP2 (`trains_only`)."""
+        generator's gradient into it traverses only its rows. The real rows join in the
+        discriminator phase, after the student's backward has freed its graph: the peak holds the
+        student's graph and D's over the fake [and x_t] rows, never all three."""
         fake_input = x_fake.detach().requires_grad_(self.generator_is_judged)
-        logits_real, logits_fake = self.discriminator.judge(
-            jump.x_t, jump.t, [x_real, fake_input], t_judge, jump.condition, last_apart=True
+        # D sees a view of the leaf: torch's module tracker (FlopCounterMode, the profiler) hooks a
+        # module's inputs and fails on a leaf that autograd.grad targets.
+        logits_fake, start_features = self.discriminator.judge_fake(
+            jump.x_t, jump.t, fake_input.view_as(fake_input), t_judge, jump.condition
         )
-        return Judgement(logits_real, logits_fake, fake_input)
+        return Judgement(logits_fake, fake_input, start_features)
 
     def generator_phase(self, jump: Jump, x_fake, t_judge, batch_idx: int, judgement: Judgement | None = None) -> None:
         """Generator step: MSE to the teacher's x_{t'} and/or fooling the discriminator (not during
@@ -462,7 +472,8 @@ class DistillationModule(L.LightningModule):
                     jump.x_t, jump.t, [x_real, x_fake], t_judge, jump.condition
                 )
             else:
-                logits_real, logits_fake = judgement.logits_real, judgement.logits_fake
+                logits_fake = judgement.logits_fake
+                logits_real = self.discriminator.judge_real(judgement.start_features, x_real, t_judge, jump.condition)
             extra_fakes = self._conditioning_fakes(jump.x_t, jump.t, x_real, t_judge, jump.condition)
             loss = discriminator_loss(logits_real, torch.cat([logits_fake, *extra_fakes]))
             self._optimizer_step(1, loss, "discriminator", batch_idx)

@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from lightning_sdxl.activation_checkpointing import checkpointing_mode, enable_activation_checkpointing
 from lightning_sdxl.io import swap_into_place
 
 # A distributed checkpoint is a folder of shards plus Lightning's metadata file (trainer state,
@@ -48,8 +49,9 @@ class FullyShardedStrategy(ModelParallelStrategy):
         param_dtype: dtype in which sharded weights are gathered and computed ("bfloat16" on GPUs;
             None: the weights' own, float32). Master weights and optimizer states stay float32.
         reduce_dtype: dtype of the gradient reduce-scatter.
-        activation_checkpointing: recompute the student's and the discriminator backbone's block
-            activations in backward (diffusers' gradient checkpointing), trading compute for memory.
+        activation_checkpointing: "none", "selective" or "full" (lightning_sdxl/activation_checkpointing.py)
+            for the student's and the discriminator backbone's blocks, trading compute for memory;
+            None: as the module set them (`student.gradient_checkpointing`).
         shard_frozen: also shard a separate frozen teacher (a full student's copy) instead of holding
             it whole on every GPU.
         kwargs: ModelParallelStrategy's (process_group_backend, timeout).
@@ -59,14 +61,16 @@ class FullyShardedStrategy(ModelParallelStrategy):
         self,
         param_dtype: str | None = None,
         reduce_dtype: str | None = "float32",
-        activation_checkpointing: bool = False,
+        activation_checkpointing: str | bool | None = None,
         shard_frozen: bool = False,
         **kwargs: Any,
     ):
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=True, **kwargs)
         self.param_dtype = getattr(torch, param_dtype) if param_dtype else None
         self.reduce_dtype = getattr(torch, reduce_dtype) if reduce_dtype else None
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing = (
+            None if activation_checkpointing is None else checkpointing_mode(activation_checkpointing)
+        )
         self.shard_frozen = shard_frozen
 
     def setup_environment(self) -> None:
@@ -126,19 +130,6 @@ class FullyShardedStrategy(ModelParallelStrategy):
         return metadata
 
 
-def enable_activation_checkpointing(module: nn.Module) -> None:
-    """diffusers' gradient checkpointing on every block of `module` that supports it (the blocks of a
-    UNet, or of the discriminator's backbone, which is built from them)."""
-    from functools import partial
-
-    from torch.utils.checkpoint import checkpoint
-
-    for block in module.modules():
-        if hasattr(block, "gradient_checkpointing"):
-            block._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
-            block.gradient_checkpointing = True
-
-
 def _shard_unet_like(model: nn.Module, mesh, policy) -> None:
     """fully_shard each down block, the mid block and each up block, then the model itself (the
     embeddings, conv_in/out and, for the discriminator, the head gathered with the root)."""
@@ -152,24 +143,25 @@ def _shard_unet_like(model: nn.Module, mesh, policy) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def shard_distillation_module(module: nn.Module, mesh, policy, activation_checkpointing: bool, shard_frozen: bool) -> None:
+def shard_distillation_module(module: nn.Module, mesh, policy, activation_checkpointing: str | None, shard_frozen: bool) -> None:
     """Shard a DistillationModule's trainable networks in place (see the module docstring)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     pair = module.pair
-    if activation_checkpointing:
-        enable_activation_checkpointing(pair.unet)
+    if activation_checkpointing is not None:
+        enable_activation_checkpointing(pair.unet, activation_checkpointing)
     _shard_unet_like(pair.unet, mesh, policy)
     if pair.teacher_unet is not None and shard_frozen:
         _shard_unet_like(pair.teacher_unet, mesh, policy)
     if module.discriminator is not None:
         backbone = module.discriminator.backbone
-        if activation_checkpointing:
-            enable_activation_checkpointing(backbone)
+        if activation_checkpointing is not None:
+            enable_activation_checkpointing(backbone, activation_checkpointing)
         for block in [*backbone.down_blocks, backbone.mid_block]:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(module.discriminator, mesh=mesh, mp_policy=policy)
-        register_fsdp_forward_method(module.discriminator, "judge")
+        for method in ("judge", "judge_fake", "judge_real"):
+            register_fsdp_forward_method(module.discriminator, method)
 
 
 def is_sharded(module: nn.Module) -> bool:

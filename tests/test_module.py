@@ -363,3 +363,26 @@ def test_the_shared_judgement_trains_as_judging_in_each_phase(make_config, tiny_
         update = max((lean[k] - before[k]).abs().max().item() for k in moved if k.startswith(part))
         assert update > 1e3 * max(worst, 1e-9), (part, update, worst)
     assert worst < 1e-6, worst
+
+
+@pytest.mark.parametrize("loss,student", [("cond_adv", "lora"), ("uncond_adv", "full")])
+def test_selective_checkpointing_trains_as_keeping_everything(make_config, tiny_sdxl_path, loss, student):
+    """Selective activation checkpointing of the student and D's backbone (activation_checkpointing.py;
+    D's fake rows are backpropagated twice by the lean step) ends a batch with the weights of the step
+    that keeps every activation, to float rounding."""
+    results = []
+    for mode in ("selective", "none"):
+        torch.manual_seed(0)
+        module, cfg = build_module(make_config, tiny_sdxl_path, f"loss={loss}", f"student={student}",
+                                   "student.lr=0.05", "discriminator.lr=0.05", f"student.gradient_checkpointing={mode}",
+                                   f"discriminator.gradient_checkpointing={mode}", *SGD)
+        blocks = [b for b in module.modules() if getattr(b, "gradient_checkpointing", False)]
+        assert (len(blocks) > 0) == (mode == "selective")
+        before = snapshot(module)
+        torch.manual_seed(1)
+        run_one_batch(module, cfg)
+        results.append(snapshot(module))
+    selective, kept = results
+    worst = max((selective[k] - kept[k]).abs().max().item() for k in kept)
+    update = max((kept[k] - before[k]).abs().max().item() for k in kept)
+    assert update > 1e3 * max(worst, 1e-9) and worst < 1e-6, (update, worst)

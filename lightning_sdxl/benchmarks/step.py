@@ -15,11 +15,11 @@ The method's minimum per sample, each term counted the same way on the same modu
               (x_t when conditional, the teacher's x_t', the student's x_t'), the backward of D's
               loss into D's weights over those rows, and the generator's backward through the
               backbone into the student's rows only (no weight gradients).
-Latents and text embeddings are taken as cached (a latent cache makes the VAE encoder and text
-encoders free), so the real step's VAE encode and text encoding count as excess (`--cached`
-measures the step from a latent cache). Gradient checkpointing's recomputation counts as excess
-too: it is a memory trade (`--no-checkpointing` measures the step without it; the memory table
-says where that fits).
+Latents and text embeddings are taken as cached: the real step is measured from a latent cache
+(`data=cached`, the recipe's 13 phases read one cache), and `--from-images` adds the VAE encode
+and text encoding every step then runs, as excess. Activation checkpointing's recomputation counts
+as excess too (`--checkpointing`, default experiment=sdxl's selective; the memory table says what
+each mode keeps).
 
 Prints a table of TFLOPs per sample and their ratio; the last line reads
 `max FLOPs ratio to the method's minimum: X.XX`.
@@ -34,6 +34,7 @@ from unittest import mock
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_sdxl.activation_checkpointing import MODES, enable_activation_checkpointing, keep_compute_bound_outputs
 from lightning_sdxl.losses import discriminator_loss
 
 # The recipe's phases (METHOD.md 2): (stage, loss, student).
@@ -165,13 +166,27 @@ def minimum_flops(module, batch: int) -> dict[str, int]:
     def student_forward_backward():
         module.pair.student(x, t, condition).float().sum().backward()
 
-    checkpointing = module.pair.unet.is_gradient_checkpointing
-    module.pair.unet.disable_gradient_checkpointing()  # its recomputation is a memory trade, not the method's
-    terms["student"] = count_flops(student_forward_backward)
-    if checkpointing:
-        module.pair.unet.enable_gradient_checkpointing()
-    if module.discriminator is None:
-        return terms
+    with _no_checkpointing(module):  # recomputation is a memory trade, not the method's
+        terms["student"] = count_flops(student_forward_backward)
+        if module.discriminator is not None:
+            terms.update(_discriminator_minimum(module, x, t, condition))
+    return terms
+
+
+@contextmanager
+def _no_checkpointing(module):
+    blocks = [block for block in module.modules() if getattr(block, "gradient_checkpointing", False)]
+    for block in blocks:
+        block.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.gradient_checkpointing = True
+
+
+def _discriminator_minimum(module, x, t, condition) -> dict[str, int]:
+    terms = {}
     discriminator = module.discriminator
     real, fake = torch.empty_like(x), torch.empty_like(x)
 
@@ -197,16 +212,54 @@ def minimum_flops(module, batch: int) -> dict[str, int]:
 GB = 1e9
 
 
+class _KeptBytes:
+    """Bytes kept for backward in the current phase of a step, each storage once, as bf16 (2 bytes
+    per element). `selective_depth` > 0 while a selective block runs its forward (not its
+    recomputation), where attention keeps its output and log-sum-exp."""
+
+    def __init__(self, weights: set[int]):
+        self.weights, self.seen, self.phases = weights, set(), [0]
+        self.selective_depth, self.in_attention = 0, False
+
+    def count(self, tensor) -> None:
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or id(tensor) in self.weights:
+            return
+        storage = tensor.untyped_storage()._cdata  # views of one tensor share it
+        if storage not in self.seen:
+            self.seen.add(storage)
+            self.phases[-1] += tensor.untyped_storage().nbytes() // tensor.element_size() * 2
+
+    def add(self, tensor: torch.Tensor) -> None:
+        """A tensor the step keeps that is gone on the meta device (its storage may be reused)."""
+        self.phases[-1] += tensor.numel() * 2
+
+    def next_phase(self) -> None:
+        self.seen.clear()
+        self.phases.append(0)
+
+
+_KEPT: _KeptBytes | None = None  # set while activation_bytes measures
+
+
 class _FlashLikeAttention(torch.autograd.Function):
     """Scaled dot-product attention that saves what GPU flash / memory-efficient kernels save (q, k,
     v, the output and one log-sum-exp per query), not the N x N matrix the meta device's math path
-    keeps. Its backward returns gradients of the right shape (values are meaningless on meta)."""
+    keeps. Its backward returns gradients of the right shape (values are meaningless on meta). In a
+    selective block it is one kept op, as the flash kernel is on a GPU (activation_checkpointing.py)."""
 
     @staticmethod
     def forward(ctx, query, key, value):
         with torch.no_grad():
+            if _KEPT is not None:
+                _KEPT.in_attention = True  # the math path's products are not what a GPU keeps
             out = _SDPA(query, key, value)
-        ctx.save_for_backward(query, key, value, out, query.new_empty(query.shape[:-1]))
+            if _KEPT is not None:
+                _KEPT.in_attention = False
+        log_sum_exp = query.new_empty(query.shape[:-1])
+        if _KEPT is not None and _KEPT.selective_depth:  # a GPU's selective block keeps the kernel's outputs
+            _KEPT.add(out)
+            _KEPT.add(log_sum_exp)
+        ctx.save_for_backward(query, key, value, out, log_sum_exp)
         return out
 
     @staticmethod
@@ -224,50 +277,76 @@ def _flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     return _FlashLikeAttention.apply(query, key, value)
 
 
-CHECKPOINTING = {  # what recomputes its block activations in backward
-    "none": (False, False),
-    "student": (True, False),  # experiment=sdxl's student.gradient_checkpointing (DDP)
-    "student + D": (True, True),  # trainer=fsdp's activation_checkpointing
+# Rows of the memory table: (student, discriminator backbone) modes of activation_checkpointing.py.
+CHECKPOINTING = {
+    "none": ("none", "none"),
+    "student full": ("full", "none"),
+    "selective": ("selective", "selective"),
+    "full": ("full", "full"),
 }
 
 
-def activation_bytes(module, batch: int, resolution: int, checkpointing: str) -> float:
-    """Bytes saved for backward per sample by the larger of the step's two phases (generator,
-    discriminator), as bf16 (2 bytes per element, as under bf16 autocast; norms that autocast keeps in
-    float32 are undercounted), each storage once, attention as flash kernels keep it. Weights are not
-    counted (static memory)."""
-    from lightning_sdxl.sharding import enable_activation_checkpointing
+def configure_checkpointing(module, student: str, discriminator: str, policy=keep_compute_bound_outputs) -> None:
+    enable_activation_checkpointing(module.pair.unet, student, policy)
+    if module.discriminator is not None:
+        enable_activation_checkpointing(module.discriminator.backbone, discriminator, policy)
 
-    for block in module.modules():
-        if hasattr(block, "gradient_checkpointing"):
-            block.gradient_checkpointing = False
-    student, discriminator = CHECKPOINTING[checkpointing]
-    if student:
-        enable_activation_checkpointing(module.pair.unet)
-    if discriminator and module.discriminator is not None:
-        enable_activation_checkpointing(module.discriminator.backbone)
-    weights = {id(p) for p in module.parameters()}
-    seen, phases = set(), [0]
+
+def activation_bytes(module, batch: int, resolution: int, checkpointing: str, cached: bool = True) -> float:
+    """Bytes kept for backward per sample by the larger of the step's two phases (generator,
+    discriminator), as bf16 (2 bytes per element, as under bf16 autocast; norms that autocast keeps in
+    float32 are undercounted), attention as flash kernels keep it: what autograd saves outside
+    checkpointed blocks, each checkpointed block's inputs, and what a selective block keeps (its
+    compute-bound ops' outputs). Weights are not counted (static memory)."""
+    global _KEPT
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    kept = _KeptBytes({id(p) for p in module.parameters()})
 
     def pack(tensor):
-        storage = tensor.untyped_storage()._cdata  # views of one tensor share it
-        if tensor.is_floating_point() and id(tensor) not in weights and storage not in seen:
-            seen.add(storage)
-            phases[-1] += tensor.untyped_storage().nbytes() // tensor.element_size() * 2
+        kept.count(tensor)
         return tensor
 
-    def next_phase():
-        seen.clear()
-        phases.append(0)
+    def counting_policy(ctx, op, *args, **kwargs):
+        if kept.in_attention:
+            return CheckpointPolicy.PREFER_RECOMPUTE  # counted as the flash kernel's (_FlashLikeAttention)
+        decision = keep_compute_bound_outputs(ctx, op, *args, **kwargs)
+        if decision == CheckpointPolicy.MUST_SAVE and not ctx.is_recompute:
+            for output in tree_leaves(ctx.op_output):  # what the block keeps, alive until its backward
+                kept.count(output)
+        return decision
 
-    data = meta_batch(module, batch, resolution)
-    with (
-        trainer_free(module, before_backward=next_phase),
-        mock.patch("torch.nn.functional.scaled_dot_product_attention", _flash_like_sdpa),
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-    ):
-        module.training_step(data, 0)
-    return max(phases) / batch
+    def counting_inputs(function, selective: bool):
+        def checkpointed(block_forward, *args, **kwargs):  # the forward only: backward recomputes block_forward
+            for tensor in tree_leaves((args, kwargs)):
+                kept.count(tensor)
+            kept.selective_depth += selective
+            try:
+                return function(block_forward, *args, **kwargs)
+            finally:
+                kept.selective_depth -= selective
+
+        return checkpointed
+
+    student_mode, discriminator_mode = CHECKPOINTING[checkpointing]
+    configure_checkpointing(module, student_mode, discriminator_mode, policy=counting_policy)
+    for network, mode in ((module.pair.unet, student_mode), (module.discriminator, discriminator_mode)):
+        for block in network.modules() if network is not None else ():
+            if getattr(block, "gradient_checkpointing", False):
+                block._gradient_checkpointing_func = counting_inputs(block._gradient_checkpointing_func, mode == "selective")
+    data = cached_meta_batch(module, batch) if cached else meta_batch(module, batch, resolution)
+    _KEPT = kept
+    try:
+        with (
+            trainer_free(module, before_backward=kept.next_phase),
+            mock.patch("torch.nn.functional.scaled_dot_product_attention", _flash_like_sdpa),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            module.training_step(data, 0)
+    finally:
+        _KEPT = None
+    return max(kept.phases) / batch
 
 
 def static_bytes(module, strategy: str, gpus: int) -> float:
@@ -289,24 +368,19 @@ def static_bytes(module, strategy: str, gpus: int) -> float:
     return 16 * count / gpus + 2 * 2 * largest_block + 2 * frozen
 
 
-def memory_table(resolution: int, model: str, gpus: int = 8, shared: bool = True) -> list[str]:
-    """Rows per phase, checkpointing and strategy. DDP's step shares D's forward between the phases
-    when `shared` (discriminator.shared_forward); FSDP's never does (module.judge_once)."""
-    rows = ["| phase | strategy | checkpointing | static GB | activations GB / sample | batch 4 GB | batch 8 GB |",
+def memory_table(resolution: int, model: str, gpus: int = 8) -> list[str]:
+    """Rows per phase, checkpointing and strategy (the step is the same under both: the lean one)."""
+    rows = ["| phase | checkpointing (student, D) | strategy | static GB | activations GB / sample | batch 4 GB | batch 8 GB |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for stage, loss, student in (("8to4", "cond_adv", "lora"), ("2to1", "uncond_adv", "full")):
         module = build_module(stage, loss, student, resolution, model)
-        for checkpointing in CHECKPOINTING:
-            measured = {}  # shared judgement -> activations: the strategies differ only in that
+        for checkpointing, modes in CHECKPOINTING.items():
+            activations = activation_bytes(module, 1, resolution, checkpointing)
             for strategy in ("ddp", "fsdp"):
-                module.hparams.shared_judgement = key = shared and strategy == "ddp"
-                if key not in measured:
-                    measured[key] = activation_bytes(module, 1, resolution, checkpointing)
-                activations = measured[key]
                 static = static_bytes(module, strategy, gpus)
                 name = "DDP" if strategy == "ddp" else f"FSDP x {gpus}"
                 rows.append(
-                    f"| {stage} {loss} {student} | {name} | {checkpointing} | {static / GB:.1f} | "
+                    f"| {stage} {loss} {student} | {', '.join(modes)} | {name} | {static / GB:.1f} | "
                     f"{activations / GB:.2f} | {(static + 4 * activations) / GB:.1f} | {(static + 8 * activations) / GB:.1f} |"
                 )
     return rows
@@ -318,26 +392,28 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--model", default="sdxl", choices=["sdxl", "tiny"])
     parser.add_argument("--phases", nargs="*", default=None, help="stage:loss:student, e.g. 8to4:cond_adv:lora")
     parser.add_argument("--skip-memory", action="store_true", help="only the FLOPs table")
-    parser.add_argument("--cached", action="store_true", help="the step from a latent cache (data=cached): no VAE "
-                        "encoder or text encoders in the step")
-    parser.add_argument("--no-checkpointing", action="store_true", help="student.gradient_checkpointing=false "
-                        "(experiment=sdxl turns it on; its recomputation is a memory trade, see the memory table)")
+    parser.add_argument("--from-images", action="store_true", help="the step from images (data=folder and the "
+                        "other image sources): the VAE encoder and text encoders run in every step")
+    parser.add_argument("--checkpointing", choices=MODES, default=None, help="student.gradient_checkpointing and "
+                        "discriminator.gradient_checkpointing (default: experiment=sdxl's, selective)")
     parser.add_argument("--no-shared-forward", action="store_true", help="discriminator.shared_forward=false: D "
-                        "judges again in its own phase (as under trainer=fsdp)")
+                        "judges again in its own phase")
     args = parser.parse_args(argv)
-    extra = ("student.gradient_checkpointing=false",) if args.no_checkpointing else ()
+    extra = ()
+    if args.checkpointing:
+        extra += (f"student.gradient_checkpointing={args.checkpointing}", f"discriminator.gradient_checkpointing={args.checkpointing}")
     extra += ("discriminator.shared_forward=false",) if args.no_shared_forward else ()
     phases = [tuple(p.split(":")) for p in args.phases] if args.phases else PHASES
     batch, worst = 1, 0.0
-    source = "from a latent cache (data=cached)" if args.cached else "from images"
-    source += ", without gradient checkpointing" if args.no_checkpointing else ", student gradient checkpointing (experiment=sdxl)"
-    source += ", D judging in each phase (trainer=fsdp's step)" if args.no_shared_forward else ", D's forward shared (DDP, one device)"
+    source = "from images" if args.from_images else "from a latent cache (data=cached)"
+    source += f", {args.checkpointing or 'experiment=sdxl'} activation checkpointing"
+    source += ", D judging in each phase" if args.no_shared_forward else ", the lean step (D's forward shared)"
     print(f"TFLOPs per sample, {args.model} architecture at {args.resolution} px, step {source} (FlopCounterMode, meta device)")
     print("| stage | loss | student | real step | minimum | ratio | minimum's terms |")
     print("| --- | --- | --- | ---: | ---: | ---: | --- |")
     for stage, loss, student in phases:
         module = build_module(stage, loss, student, args.resolution, args.model, extra)
-        real = step_flops(module, batch, args.resolution, args.cached) / batch
+        real = step_flops(module, batch, args.resolution, cached=not args.from_images) / batch
         terms = {name: value / batch for name, value in minimum_flops(module, batch).items()}
         minimum = sum(terms.values())
         ratio = real / minimum
@@ -346,8 +422,8 @@ def main(argv: list[str] | None = None) -> float:
         print(f"| {stage} | {loss} | {student} | {real / 1e12:.1f} | {minimum / 1e12:.1f} | {ratio:.2f} | {detail} |", flush=True)
     if not args.skip_memory:
         print(f"\nMemory per GPU (GB), {args.model} architecture at {args.resolution} px, Adam, bf16 autocast "
-              "(static: counted from the weights; activations: saved-for-backward bytes of the real step)")
-        print("\n".join(memory_table(args.resolution, args.model, shared=not args.no_shared_forward)))
+              "(static: counted from the weights; activations: what the real step keeps for backward)")
+        print("\n".join(memory_table(args.resolution, args.model)))
     print(f"max FLOPs ratio to the method's minimum: {worst:.2f}")
     return worst
 

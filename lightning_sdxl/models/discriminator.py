@@ -437,7 +437,6 @@ class Discriminator(nn.Module):
         t_next: torch.Tensor | int,
         condition: SDXLCondition,
         start_gradient: bool = True,
-        last_apart: bool = False,
     ) -> list[torch.Tensor]:
         """Logits for each candidate x_{t'} (e.g. [real, fake]) in one backbone forward.
 
@@ -455,9 +454,6 @@ class Discriminator(nn.Module):
                 step: x_t does not depend on the student and D's weights are frozen). d(x_t) then runs
                 apart, without a graph, instead of in the batch whose backward would carry input
                 gradients for its rows (3.2 TFLOPs per sample at 1024 px, `benchmarks/step.py`).
-            last_apart: the last candidate runs through the backbone in its own call (the same
-                numbers): a gradient taken into it alone then traverses only its rows, not the
-                whole batch's (the shared judgement of `DistillationModule.judge_once`).
 
         Returns:
             k tensors of (B,) logits, in the order of `candidates`.
@@ -474,16 +470,11 @@ class Discriminator(nn.Module):
         if start_in_batch:
             samples.insert(0, x_t)
             timesteps.insert(0, _batch_timesteps(t, batch, device))
-        groups = [(samples[:-1], timesteps[:-1]), (samples[-1:], timesteps[-1:])] if last_apart else [(samples, timesteps)]
-        parts = [
-            self.backbone(
-                torch.cat(group),  # (n B, 4, H, W)
-                torch.cat(group_timesteps),  # (n B,)
-                condition.repeat(len(group)),
-            )  # (n B, C_mid, h, w)
-            for group, group_timesteps in groups if group
-        ]
-        features = parts[0] if len(parts) == 1 else torch.cat(parts)
+        features = self.backbone(
+            torch.cat(samples),  # (n B, 4, H, W)
+            torch.cat(timesteps),  # (n B,)
+            condition.repeat(len(samples)),
+        )  # (n B, C_mid, h, w)
         start_features, next_features = None, features  # d(x_{t'}, t', c): (k B, C_mid, h, w)
         if start_in_batch:
             start_features, next_features = features[:batch], features[batch:]  # d(x_t, t, c): (B, C_mid, h, w)
@@ -495,6 +486,33 @@ class Discriminator(nn.Module):
             start_features = start_features.repeat(k, 1, 1, 1)  # (k B, C_mid, h, w)
         # Copies, not views of one tensor: FSDP2 hooks a module's outputs for backward (trainer=fsdp).
         return [logits.clone() for logits in self.logits(next_features, start_features).split(batch)]  # k x (B,)
+
+    def judge_fake(
+        self, x_start: torch.Tensor, t_start: torch.Tensor | int, fake: torch.Tensor, t_next: torch.Tensor | int,
+        condition: SDXLCondition,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The lean step's first half (`DistillationModule.judge_once`): logits of the student's x_{t'}
+        alone, with d(x_t, t, c) (conditional; None otherwise) from its own backbone call, both with
+        their graphs for D's loss, which `judge_real` completes after the student's backward. The
+        same numbers as `judge`, row by row.
+
+        Returns:
+            (B,) logits of `fake` and the (B, C_mid, h, w) start features to pass to `judge_real`.
+        """
+        batch, device = fake.shape[0], fake.device
+        start_features = None
+        if self.conditional:
+            start_features = self.backbone(x_start, _batch_timesteps(t_start, batch, device), condition)
+        next_features = self.backbone(fake, _batch_timesteps(t_next, batch, device), condition)
+        return self.logits(next_features, start_features).clone(), start_features
+
+    def judge_real(
+        self, start_features: torch.Tensor | None, real: torch.Tensor, t_next: torch.Tensor | int, condition: SDXLCondition
+    ) -> torch.Tensor:
+        """The lean step's second half: (B,) logits of the teacher's x_{t'} against the start features
+        `judge_fake` returned."""
+        next_features = self.backbone(real, _batch_timesteps(t_next, real.shape[0], real.device), condition)
+        return self.logits(next_features, start_features).clone()
 
     # Calling the module is judging (wrappers that hook `forward` see the whole discriminator).
     forward = judge
