@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lightning_sdxl.batch_randomness import BatchRandomness
 from lightning_sdxl.diffusion.schedule import NoiseSchedule
 
 
@@ -86,7 +87,7 @@ class Renoiser:
         x_fake: torch.Tensor,
         t_next: torch.Tensor,
         clean: torch.Tensor,
-        generator: torch.Generator | None = None,
+        randomness: BatchRandomness | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Re-noise the samples whose t' is clean; others pass through.
 
@@ -94,12 +95,14 @@ class Renoiser:
             x_real, x_fake: (B, C, H, W) teacher and student x_{t'}.
             t_next: (B,) t'.
             clean: (B,) bool, where t' is clean.
+            randomness: the batch's per-sample draws (None: torch's global generator).
 
         Returns:
             x_real, x_fake, and the timesteps the discriminator judges them at (t* or t').
         """
-        t_star = self.draw(len(x_real), x_real.device, generator)
-        eps = torch.randn(x_real.shape, generator=generator, device=x_real.device, dtype=x_real.dtype)
+        randomness = randomness or BatchRandomness(len(x_real))
+        t_star = randomness.per_sample(lambda n, generator: self.draw(n, torch.device("cpu"), generator)).to(x_real.device)
+        eps = randomness.normal(x_real)
         mask = clean.view(-1, 1, 1, 1)
         x_real = torch.where(mask, schedule.diffuse(x_real, eps, t_star), x_real)
         x_fake = torch.where(mask, schedule.diffuse(x_fake, eps, t_star), x_fake)

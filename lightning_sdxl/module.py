@@ -22,7 +22,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_sdxl.activation_checkpointing import enable_activation_checkpointing
-from lightning_sdxl.data.latent_cache import read_cache_info, sample_latents
+from lightning_sdxl.batch_randomness import BatchRandomness
+from lightning_sdxl.data.latent_cache import read_cache_info
 from lightning_sdxl.data.stored_conditions import StoredConditions
 from lightning_sdxl.diffusion.prediction import get_prediction
 from lightning_sdxl.diffusion.sampler import sample, seeded_noise
@@ -44,7 +45,13 @@ from lightning_sdxl.models.loading import (
 )
 from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeacher
 from lightning_sdxl.models.text_encoding import build_condition, unconditional_like
-from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
+from lightning_sdxl.models.vae import (
+    decode_latents,
+    encode_images,
+    encode_posterior,
+    sample_latents,
+    vae_scale_factor,
+)
 from lightning_sdxl.plain_config import plain_config
 from lightning_sdxl.sharding import FullyShardedStrategy
 from lightning_sdxl.steps import to_batches
@@ -150,6 +157,8 @@ class DistillationModule(L.LightningModule):
             and the empty prompt come from the cache (data/stored_conditions.py). None: images.
         shared_judgement: one discriminator forward shared by the generator and discriminator phases
             (`judge_once`, the same maths); False: D judges in each phase.
+        seed: the run's seed; with the batch number and the sample's global row it seeds each
+            sample's draws (`batch_randomness.py`).
     """
 
     def __init__(
@@ -193,6 +202,7 @@ class DistillationModule(L.LightningModule):
         ema_decay: float = 0.95,
         latent_cache: str | None = None,
         shared_judgement: bool = True,
+        seed: int = 0,
     ):
         super().__init__()
         if loss not in LOSS_KINDS:
@@ -256,6 +266,7 @@ class DistillationModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold trainable weights only (on_save_checkpoint)
         self.sharded = False  # set by configure_model under trainer=fsdp
         self.gradient_reduction = GradientReduction()  # DDP: which buckets a backward all-reduces
+        self.batches_drawn = 0  # training batches whose randomness was drawn (batch_randomness.py)
 
     @classmethod
     def for_inference(cls, checkpoint_path: str | Path, **overrides) -> DistillationModule:
@@ -323,15 +334,17 @@ class DistillationModule(L.LightningModule):
         """Batches trained so far (the project's step convention, lightning_sdxl/steps.py)."""
         return to_batches(self.trainer.global_step, self.optimizers_per_batch, self.accumulate_grad_batches)
 
-    def jump(self, x0: torch.Tensor, condition: SDXLCondition) -> Jump:
+    def jump(self, x0: torch.Tensor, condition: SDXLCondition, randomness: BatchRandomness | None = None) -> Jump:
         """One jump of the stage for latents x0 (METHOD.md 2, steps 1-4): t and t', x_t, the frozen
         teacher's n-step target and the student's one-step x_{t'} (with gradients to the student).
-        A TSCD stage's jump instead: `consistency_jump`."""
+        A TSCD stage's jump instead: `consistency_jump`. `randomness`: the batch's per-sample draws
+        (`batch_randomness.py`; None: torch's global generator)."""
+        randomness = randomness or BatchRandomness(len(x0))
         if self.segments is not None:
-            return self.consistency_jump(x0, condition)
-        path = self.grid.draw(len(x0)).to(self.device)  # (n + 1, B): t, teacher substeps, t'
+            return self.consistency_jump(x0, condition, randomness)
+        path = randomness.per_sample(self.grid.draw).to(self.device)  # (n + 1, B): t, teacher substeps, t'
         t, t_next = path[0], path[-1]
-        x_t = self.schedule.forward_process(x0, torch.randn_like(x0), t)  # (B, 4, R/f, R/f)
+        x_t = self.schedule.forward_process(x0, randomness.normal(x0), t)  # (B, 4, R/f, R/f)
         # Teacher target: n frozen steps from t to t' (step 3), adapters toggled once for all n.
         with self.pair.teacher_mode():
             x_next_real = solve(
@@ -343,13 +356,13 @@ class DistillationModule(L.LightningModule):
         x_next_fake = move(self.schedule, self.student_prediction, x_t, u, t, t_next)
         return Jump(x_t, t, t_next, condition, x_next_real, x_next_fake)
 
-    def consistency_jump(self, x0: torch.Tensor, condition: SDXLCondition) -> Jump:
+    def consistency_jump(self, x0: torch.Tensor, condition: SDXLCondition, randomness: BatchRandomness) -> Jump:
         """Hyper-SD's TSCD jump (METHOD.md 7, `diffusion/segments.py`): t on the teacher's grid inside
         a segment, one frozen teacher step to t_mid, the target network's map of x_{t_mid} to the
         segment's end t_end (x_{t_mid} itself when t_mid is the end) as x_{t'}'s real, and the
         student's map of x_t to t_end (with gradients) as its fake."""
-        t, t_mid, t_end = self.segments.draw(len(x0)).to(self.device)
-        x_t = self.schedule.forward_process(x0, torch.randn_like(x0), t)
+        t, t_mid, t_end = randomness.per_sample(self.segments.draw).to(self.device)
+        x_t = self.schedule.forward_process(x0, randomness.normal(x0), t)
         with self.pair.teacher_mode():
             x_mid = solve(
                 self.pair.teacher, self.schedule, self.teacher_prediction, x_t, torch.stack([t, t_mid]),
@@ -373,29 +386,42 @@ class DistillationModule(L.LightningModule):
         x_next_fake = move(self.schedule, self.student_prediction, x_t, u, t, t_end)
         return Jump(x_t, t, t_end, condition, x_target, x_next_fake)
 
-    def judged(self, jump: Jump) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def judged(self, jump: Jump, randomness: BatchRandomness | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(real, fake, t_judge): the jump's x_{t'} as the discriminator sees them, re-noised to t*
         where t' is clean (multi-timestep discrimination, METHOD.md 3)."""
         clean = jump.t_next == CLEAN
-        return self.renoiser(self.schedule, jump.x_next_real, jump.x_next_fake, jump.t_next, clean)
+        return self.renoiser(self.schedule, jump.x_next_real, jump.x_next_fake, jump.t_next, clean, randomness)
 
-    def latents_and_condition(self, batch: dict) -> tuple[torch.Tensor, SDXLCondition]:
-        """x0 (B, 4, R/f, R/f) and the condition of a batch of images, or of a latent cache's items
-        (`data=cached`: the stored posterior sampled as the VAE would, the stored encoder outputs)."""
+    def latents_and_condition(self, batch: dict, randomness: BatchRandomness | None = None) -> tuple[torch.Tensor, SDXLCondition]:
+        """x0 (B, 4, R/f, R/f), a posterior sample, and the condition of a batch of images, or of a
+        latent cache's items (`data=cached`: the stored posterior, the stored encoder outputs)."""
         if "latent_mean" in batch:
-            x0 = sample_latents(batch["latent_mean"], batch["latent_logvar"], self.vae.config)
+            mean, logvar = batch["latent_mean"], batch["latent_logvar"]
             condition = SDXLCondition(batch["prompt_embeds"], batch["pooled_prompt_embeds"], batch["add_time_ids"])
-            return x0, condition.to(torch.float32)
-        x0 = self.encode_images(batch["pixel_values"])
-        return x0, self.condition(batch["prompt"], batch["original_size"], batch["crop_top_left"])
+        else:
+            mean, logvar = encode_posterior(self.vae, batch["pixel_values"])
+            condition = self.condition(batch["prompt"], batch["original_size"], batch["crop_top_left"])
+        noise = (randomness or BatchRandomness(len(mean))).normal(mean)
+        return sample_latents(mean, logvar, self.vae.config, noise), condition.to(torch.float32)
+
+    def batch_randomness(self, batch: int) -> BatchRandomness:
+        """This rank's per-sample draws for the next batch (`batch_randomness.py`), counted in
+        `batches_drawn` (kept in checkpoints)."""
+        randomness = BatchRandomness.for_rank(
+            self.hparams.get("seed", 0), self.batches_drawn, batch, self.trainer.global_rank, self.trainer.world_size
+        )
+        self.batches_drawn += 1
+        return randomness
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        x0, condition = self.latents_and_condition(batch)
-        jump = self.jump(x0, condition)
+        batch_size = len(batch["latent_mean"] if "latent_mean" in batch else batch["pixel_values"])
+        randomness = self.batch_randomness(batch_size)
+        x0, condition = self.latents_and_condition(batch, randomness)
+        jump = self.jump(x0, condition, randomness)
         if not self.adversarial:
             self.generator_phase(jump, None, None, batch_idx)
             return
-        x_real, x_fake, t_judge = self.judged(jump)
+        x_real, x_fake, t_judge = self.judged(jump, randomness)
         shared = self.hparams.get("shared_judgement", True)
         judgement = self.judge_once(jump, x_fake, t_judge) if shared else None
         self.generator_phase(jump, x_fake, t_judge, batch_idx, judgement)
@@ -663,8 +689,12 @@ class DistillationModule(L.LightningModule):
         """Drop the frozen teacher, VAE and text encoders: they reload from `model_path`."""
         keys = self.trainable_state_keys()
         checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key in keys}
+        checkpoint["batches_drawn"] = self.batches_drawn
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints from before batches_drawn: the batches trained (every batch draws once).
+        trained = to_batches(checkpoint.get("global_step", 0), self.optimizers_per_batch, self.accumulate_grad_batches)
+        self.batches_drawn = int(checkpoint.get("batches_drawn", trained))
         missing = self.trainable_state_keys() - set(checkpoint["state_dict"])
         if missing:
             raise KeyError(

@@ -30,7 +30,10 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from lightning_sdxl.activation_checkpointing import checkpointing_mode, enable_activation_checkpointing
+from lightning_sdxl.activation_checkpointing import (
+    checkpointing_mode,
+    enable_activation_checkpointing,
+)
 from lightning_sdxl.io import swap_into_place
 
 # A distributed checkpoint is a folder of shards plus Lightning's metadata file (trainer state,

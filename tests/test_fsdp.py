@@ -87,3 +87,19 @@ def test_fsdp_resume_restores_weights_and_adam_state_exactly(tmp_path, tiny_sdxl
     assert not different, f"{len(different)} of {len(whole)} tensors differ, e.g. {different[:3]}"
     info = (tmp_path / "resumed" / "export" / "export_info.json").read_text()
     assert '"global_step": 8' in info
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_with_the_doubled_batch(tmp_path, tiny_sdxl_path):
+    """DDP over 2 processes of batch 2 ends where 1 process of batch 4 does: each sample's draws come
+    from its own generator, seeded by its row in the global batch (batch_randomness.py), and rank r
+    holds rows r, r + 2, ... (data/resumable.py). Float32 SGD, so only the order of float sums differs."""
+    run(tmp_path / "two", *EXACT, *LR, "trainer=cpu", "data.batch_size=2")
+    run(tmp_path / "one", *EXACT, *LR, "trainer=cpu", "trainer.devices=1", "data.batch_size=4")
+    two, one = exported(tmp_path / "two"), exported(tmp_path / "one")
+    assert two.keys() == one.keys()
+    before = initial(tiny_sdxl_path, one)
+    moved = [key for key in before if (one[key] - before[key]).abs().max().item() > 1e-5]
+    assert len(moved) > 0.5 * len(before)
+    worst = max((two[key] - one[key]).abs().max().item() for key in one)
+    assert worst < 1e-6, worst

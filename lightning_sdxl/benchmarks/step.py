@@ -34,7 +34,12 @@ from unittest import mock
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_sdxl.activation_checkpointing import MODES, enable_activation_checkpointing, keep_compute_bound_outputs
+from lightning_sdxl.activation_checkpointing import (
+    MODES,
+    enable_activation_checkpointing,
+    keep_compute_bound_outputs,
+)
+from lightning_sdxl.batch_randomness import BatchRandomness
 from lightning_sdxl.losses import discriminator_loss
 
 # The recipe's phases (METHOD.md 2): (stage, loss, student).
@@ -125,6 +130,7 @@ def trainer_free(module, before_backward=lambda: None):
         mock.patch.object(module, "log_dict", lambda *args, **kwargs: None),
         mock.patch.object(module, "log_accuracy_by_start", lambda *args: None),  # data-dependent: not on meta
         mock.patch.object(DistillationModule, "batches_trained", property(lambda self: 1 << 30)),
+        mock.patch.object(module, "batch_randomness", BatchRandomness),  # no ranks: the global generator
     ):
         yield
 
@@ -406,7 +412,7 @@ def main(argv: list[str] | None = None) -> float:
     phases = [tuple(p.split(":")) for p in args.phases] if args.phases else PHASES
     batch, worst = 1, 0.0
     source = "from images" if args.from_images else "from a latent cache (data=cached)"
-    source += f", {args.checkpointing or 'experiment=sdxl'} activation checkpointing"
+    source += f", {args.checkpointing or 'selective (experiment=sdxl)'} activation checkpointing"
     source += ", D judging in each phase" if args.no_shared_forward else ", the lean step (D's forward shared)"
     print(f"TFLOPs per sample, {args.model} architecture at {args.resolution} px, step {source} (FlopCounterMode, meta device)")
     print("| stage | loss | student | real step | minimum | ratio | minimum's terms |")

@@ -4,7 +4,7 @@ once (`python -m lightning_sdxl.precompute`) and read by `data=cached` in every 
 The real step encodes every image with the VAE (4.9 TFLOPs per sample at 1024 px, 72 % of a UNet
 forward: docs/benchmark_step.md) and runs both text encoders, in every phase of the recipe. The cache
 stores the posterior's mean and log-variance, not a latent, so training still draws a fresh sample
-x0 = (mean + exp(logvar / 2) eps - shift) * scaling each time, as `models/vae.encode_images` does; and the
+x0 = (mean + exp(logvar / 2) eps - shift) * scaling each time (`models/vae.sample_latents`, as for images); and the
 UNet's whole condition (prompt embeddings, pooled embedding, the six micro-conditioning numbers).
 
 Layout of a cache folder (written atomically):
@@ -130,11 +130,3 @@ class CachedLatents(Dataset):
         item = {key: handle.get_slice(key)[row : row + 1][0] for key in TENSOR_KEYS}
         item["prompt"] = captions[row]
         return item
-
-
-def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, vae_config) -> torch.Tensor:
-    """x0 from a cached posterior, as `encode_images` draws it from the VAE's (a fresh sample each call)."""
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
-    latents = mean + std * torch.randn_like(mean)
-    shift = getattr(vae_config, "shift_factor", None) or 0.0
-    return ((latents - shift) * vae_config.scaling_factor).float()

@@ -23,6 +23,23 @@ def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
+def encode_posterior(vae: AutoencoderKL, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, R, R) in [-1, 1] -> the VAE posterior's mean and log-variance (B, 4, R/f, R/f), float32,
+    unscaled (what a latent cache stores; `sample_latents` draws x0 from them)."""
+    posterior = vae.encode(pixel_values.to(vae.dtype)).latent_dist
+    return posterior.mean.float().contiguous(), posterior.logvar.float().contiguous()
+
+
+def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, vae_config, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled x0 from a posterior, as diffusers' `latent_dist.sample()` draws it: mean + std * noise
+    (`noise`: standard normal like `mean`, drawn here when None), then shifted and scaled."""
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
+    latents = mean + std * (torch.randn_like(mean) if noise is None else noise)
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae_config.scaling_factor).float()
+
+
+@torch.no_grad()
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images (B, 3, R, R) in [0, 1], float32."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
