@@ -6,9 +6,9 @@ block keeps from its forward for the backward.
     "selective"  the block keeps the outputs of its compute-bound ops (convolutions, matrix products,
                  attention) and recomputes the rest in backward: the pointwise ops between them
                  (norms, activations, additions, casts) and the products that sum over fewer than
-                 CHEAP_REDUCTION terms (a LoRA's up-projection, over its rank), torch's selective
-                 activation checkpointing as torchtitan's "op" mode uses it. At SDXL's size (1024 px)
-                 that keeps a third of the activations for 0.2-0.6 % more FLOPs than keeping
+                 CHEAP_REDUCTION terms (a LoRA's up-projection, over its rank): torch's selective
+                 activation checkpointing, with a policy in the spirit of torchtitan's "op" mode. At SDXL's size (1024 px)
+                 the step keeps 40-45 % of the activations for under 0.5 % more FLOPs than keeping
                  everything (`python -m lightning_sdxl.benchmarks.step`, docs/benchmark_step.md).
     "none"       everything the forward saves is kept.
 

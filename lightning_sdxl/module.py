@@ -356,11 +356,12 @@ class DistillationModule(L.LightningModule):
         x_next_fake = move(self.schedule, self.student_prediction, x_t, u, t, t_next)
         return Jump(x_t, t, t_next, condition, x_next_real, x_next_fake)
 
-    def consistency_jump(self, x0: torch.Tensor, condition: SDXLCondition, randomness: BatchRandomness) -> Jump:
+    def consistency_jump(self, x0: torch.Tensor, condition: SDXLCondition, randomness: BatchRandomness | None = None) -> Jump:
         """Hyper-SD's TSCD jump (METHOD.md 7, `diffusion/segments.py`): t on the teacher's grid inside
         a segment, one frozen teacher step to t_mid, the target network's map of x_{t_mid} to the
         segment's end t_end (x_{t_mid} itself when t_mid is the end) as x_{t'}'s real, and the
         student's map of x_t to t_end (with gradients) as its fake."""
+        randomness = randomness or BatchRandomness(len(x0))
         t, t_mid, t_end = randomness.per_sample(self.segments.draw).to(self.device)
         x_t = self.schedule.forward_process(x0, randomness.normal(x0), t)
         with self.pair.teacher_mode():
