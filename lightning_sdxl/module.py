@@ -415,8 +415,7 @@ class DistillationModule(L.LightningModule):
         return randomness
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        batch_size = len(batch["latent_mean"] if "latent_mean" in batch else batch["pixel_values"])
-        randomness = self.batch_randomness(batch_size)
+        randomness = self.batch_randomness(batch_length(batch))
         x0, condition = self.latents_and_condition(batch, randomness)
         jump = self.jump(x0, condition, randomness)
         if not self.adversarial:
@@ -453,8 +452,8 @@ class DistillationModule(L.LightningModule):
         the discriminator warm-up). With the shared `judgement` D's gradient comes as
         d loss / d fake_input, carried into the student by a backward of <fake, that gradient>
         (the chain rule through the detached leaf), so D's weight gradients are never computed;
-        without it (FSDP2) D judges the fake here, its weights toggled off (under FSDP2 their
-        gradients are computed and dropped: `trains_only`)."""
+        without it (`discriminator.shared_forward=false`) D judges the fake here, its weights
+        toggled off (under FSDP2 their gradients are computed and dropped: `trains_only`)."""
         generator = self._as_list(self.optimizers())[0]
         adversarial, through_fake = None, None
         if self.generator_is_judged and judgement is not None:
@@ -702,6 +701,11 @@ class DistillationModule(L.LightningModule):
                 f"The checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[:3]}): "
                 "it was written for another student or loss; resume with the same stage, loss and student."
             )
+
+
+def batch_length(batch: dict) -> int:
+    """Samples in a training batch of images or of a latent cache's items."""
+    return len(batch["latent_mean"] if "latent_mean" in batch else batch["pixel_values"])
 
 
 @contextmanager

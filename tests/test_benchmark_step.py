@@ -20,13 +20,13 @@ def test_meta_sdxl_has_the_published_parameter_counts():
 @pytest.mark.slow
 def test_real_step_costs_at_least_the_minimum_and_checkpointing_saves_activations(capsys):
     worst = step.main(["--model", "tiny", "--resolution", "64", "--phases", "8to4:cond_adv:lora", "2to1:mse:full",
-                       "--skip-memory", "--from-images", "--checkpointing", "full"])
+                       "--skip-memory", "--skip-overhead", "--from-images", "--checkpointing", "full"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"max FLOPs ratio to the method's minimum: {worst:.2f}"
     ratios = [float(line.split("|")[6]) for line in lines if line.startswith(("| 8to4", "| 2to1"))]
     assert len(ratios) == 2 and all(ratio >= 1.0 for ratio in ratios)
     # From a latent cache the step sheds the VAE encoder and text encoders, and stays above the minimum.
-    phase = ["--model", "tiny", "--resolution", "64", "--phases", "8to4:cond_adv:lora", "--skip-memory"]
+    phase = ["--model", "tiny", "--resolution", "64", "--phases", "8to4:cond_adv:lora", "--skip-memory", "--skip-overhead"]
     cached = step.main([*phase, "--checkpointing", "full"])
     assert 1.0 <= cached < ratios[0]
     # D judging again in its own phase costs more; the lean step from a cache without recomputation
@@ -48,3 +48,14 @@ def test_data_benchmark_measures_every_source_and_the_step(capsys):
     assert set(rates) == {"toy world", "folder (PNG + .txt)", "latent cache", "step from images", "step from the cache"}
     assert all(rate > 0 for rate in rates.values())
     assert "| latent cache |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_interleaves_lightning_and_a_plain_loop(capsys):
+    from lightning_sdxl.benchmarks import overhead
+
+    result = overhead.measure(3, [], warmup=1)
+    assert result["pairs"] == 3 and result["lightning_s"] > 0 and result["plain_s"] > 0
+    # Both sides train the same module; the plain loop skips Lightning's bookkeeping, not the maths:
+    # neither side can be many times the other.
+    assert 0.5 < result["ratio"] < 2.0, result

@@ -21,7 +21,9 @@ and text encoding every step then runs, as excess. Activation checkpointing's re
 as excess too (`--checkpointing`, default experiment=sdxl's selective; the memory table says what
 each mode keeps).
 
-Prints a table of TFLOPs per sample and their ratio; the last line reads
+Then the memory per GPU by phase, strategy, batch and checkpointing, and on the toy the Lightning
+step beside a plain loop (`benchmarks/overhead.py`). Prints a table of TFLOPs per sample and their
+ratio; the last line reads
 `max FLOPs ratio to the method's minimum: X.XX`.
 """
 
@@ -404,6 +406,8 @@ def main(argv: list[str] | None = None) -> float:
                         "discriminator.gradient_checkpointing (default: experiment=sdxl's, selective)")
     parser.add_argument("--no-shared-forward", action="store_true", help="discriminator.shared_forward=false: D "
                         "judges again in its own phase")
+    parser.add_argument("--skip-overhead", action="store_true", help="not the toy's Lightning step beside a plain "
+                        "loop (benchmarks/overhead.py, about a minute)")
     args = parser.parse_args(argv)
     extra = ()
     if args.checkpointing:
@@ -430,6 +434,10 @@ def main(argv: list[str] | None = None) -> float:
         print(f"\nMemory per GPU (GB), {args.model} architecture at {args.resolution} px, Adam, bf16 autocast "
               "(static: counted from the weights; activations: what the real step keeps for backward)")
         print("\n".join(memory_table(args.resolution, args.model)))
+    if not args.skip_overhead:
+        from lightning_sdxl.benchmarks import overhead
+
+        print("\n" + overhead.report(overhead.measure(40, []), []))
     print(f"max FLOPs ratio to the method's minimum: {worst:.2f}")
     return worst
 
