@@ -34,7 +34,7 @@ class BatchRandomness:
         """The local rows' generators: local row j is global row j * world_size + rank."""
         rows = [j * world_size + rank for j in range(batch)]
         generators = [
-            torch.Generator().manual_seed(int(np.random.SeedSequence([seed, batch_number, row]).generate_state(1, np.uint64)[0] >> 1))
+            torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**64, batch_number, row]).generate_state(1, np.uint64)[0] >> 1))
             for row in rows
         ]
         return cls(batch, generators)

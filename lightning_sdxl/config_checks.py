@@ -122,6 +122,7 @@ def validate_config(cfg: DictConfig) -> None:
         _require(cfg.discriminator.lr > 0, f"discriminator.lr={cfg.discriminator.lr} must be > 0.")
         weight = loss.get("adversarial_weight", 1.0)
         _require(weight > 0, f"loss.adversarial_weight={weight} must be > 0 (loss=mse is the MSE-only arm).")
+    _check_checkpointing(cfg)
     experiment = cfg.get("experiment_name")
     _require(
         not (experiment == "toy" and cfg.model.name not in ("toy", "tiny")),
@@ -176,6 +177,18 @@ def validate_config(cfg: DictConfig) -> None:
         _check_discriminator_fits(cfg)
     check_resume(cfg)
     _check_loggers(cfg)
+
+
+def _check_checkpointing(cfg: DictConfig) -> None:
+    """Activation checkpointing modes (activation_checkpointing.py) of the student, D and the FSDP strategy."""
+    from lightning_sdxl.activation_checkpointing import MODES
+
+    for key in ("student.gradient_checkpointing", "discriminator.gradient_checkpointing", "trainer.strategy.activation_checkpointing"):
+        value = OmegaConf.select(cfg, key, default=None)
+        _require(
+            value is None or isinstance(value, bool) or value in MODES,
+            f"{key}={value}: choose one of {', '.join(MODES)} (activation checkpointing; true / false mean full / none).",
+        )
 
 
 def _check_accelerator(trainer: DictConfig) -> None:

@@ -449,6 +449,9 @@ BAD_CONFIGS = [
     (["stage.student_steps=0"], ConfigError, "stage.student_steps=0"),
     (["student.lora_rank=0"], ConfigError, "student.lora_rank=0"),
     (["student.type=half"], ConfigError, "student.type=half"),
+    (["student.gradient_checkpointing=partial"], ConfigError, "student.gradient_checkpointing=partial: choose one of none"),
+    (["trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.activation_checkpointing=some"], ConfigError,
+     "trainer.strategy.activation_checkpointing=some"),
     (["prediction.type=x0"], ConfigError, "prediction.type=x0"),
     (["steps=0"], ConfigError, "steps=0"),
     (

@@ -51,7 +51,9 @@ def plain_step(module, optimizers: list[torch.optim.Optimizer], batch: dict) -> 
     logits_fake, start_features = module.discriminator.judge_fake(
         jump.x_t, jump.t, fake_input.view_as(fake_input), t_judge, jump.condition
     )
-    adversarial = module.weighted_adversarial(logits_fake) if module.loss_kind.regression else generator_loss(logits_fake)
+    adversarial = generator_loss(logits_fake)
+    if module.loss_kind.regression:  # mse_adv: MSE + lambda x adversarial
+        adversarial = module.hparams.adversarial_weight * adversarial
     (gradient,) = torch.autograd.grad(adversarial, fake_input, retain_graph=True)
     _step(module, generator, (x_fake * gradient).sum() + regression)
     logits_real = module.discriminator.judge_real(start_features, x_real, t_judge, jump.condition)
