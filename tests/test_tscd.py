@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 from torch import nn
@@ -81,7 +83,8 @@ def consistency_gaps(module, segments: int, count: int = 16) -> tuple[float, flo
 @pytest.mark.parametrize("target", ["ema", "online"])
 def test_a_short_tscd_run_brings_a_segment_s_maps_together(tmp_path, target):
     """Issue 16's check: after a short run on the toy, the student's maps from two points of one
-    segment land closer to the segment's end than before training."""
+    segment land closer to the segment's end than before training (the median of five seeds: one
+    60-batch run varies with its draws, the online target's most)."""
     import hydra
     from conftest import compose_config
 
@@ -90,12 +93,18 @@ def test_a_short_tscd_run_brings_a_segment_s_maps_together(tmp_path, target):
     overrides = ["stage=tscd", "stage.segments=2", f"stage.consistency_target={target}", "loss=mse",
                  "student.lr=3e-4", "steps=60", "validation.every_n_steps=60", "checkpoint.every_n_steps=60",
                  "logger=none", "callbacks.export.single_file=false", "trainer.enable_progress_bar=false"]
-    cfg = compose_config(overrides, tmp_path / "run", shrink=False)
-    before = consistency_gaps(hydra.utils.instantiate(cfg.module).eval(), segments=2)
-    after = consistency_gaps(train(cfg).lightning_module.eval(), segments=2)
-    # Measured (online / ema, 60 batches): the maps' gap 0.035 -> 0.005 / 0.007, to the teacher 0.040 -> 0.017 / 0.012.
-    assert after[0] < 0.5 * before[0], (before, after)
-    assert after[1] < before[1], (before, after)  # and closer to the teacher's own end, not collapsed
+    before, runs = None, []
+    for seed in range(5):
+        cfg = compose_config([*overrides, f"seed={seed}"], tmp_path / f"run{seed}", shrink=False)
+        before = before or consistency_gaps(hydra.utils.instantiate(cfg.module).eval(), segments=2)
+        runs.append(consistency_gaps(train(cfg).lightning_module.eval(), segments=2))
+    after = [statistics.median(gaps) for gaps in zip(*runs)]
+    # Measured (online, seeds 0-4, 60 batches; before: maps 0.035 apart, 0.040 from the teacher's end):
+    # maps 0.020 / 0.007 / 0.004 / 0.010 / 0.007 apart, 0.042 / 0.038 / 0.019 / 0.019 / 0.013 from the
+    # teacher's end; seeds 5-7 gave 0.058, 0.015 and 0.033 (per-rank streams before batch_randomness.py
+    # gave 0.050 at seed 3: single runs fail either way).
+    assert after[0] < 0.5 * before[0], (before, runs)
+    assert after[1] < before[1], (before, runs)  # and closer to the teacher's own end, not collapsed
 
 
 def test_tscd_with_the_adversarial_mix_trains_checkpoints_its_ema_and_exports(make_config, tmp_path):
