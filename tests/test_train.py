@@ -76,6 +76,7 @@ def test_cli_ddp_two_cpu_processes(tmp_path):
     assert checkpoint["global_step"] == 4
 
 
+@pytest.mark.slow  # ~20-50 s on 2 cores: the default suite stays under 10 minutes
 def test_cli_multirun_over_losses(tmp_path):
     result = run_cli(["loss=mse,cond_adv,uncond_adv", f"hydra.sweep.dir={tmp_path}"], flags=["-m"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -104,6 +105,7 @@ def test_accumulation_must_divide_the_batch_counts(make_config):
         train(make_config("optim.accumulate_grad_batches=3", "steps=4"))
 
 
+@pytest.mark.slow  # ~20-50 s on 2 cores: the default suite stays under 10 minutes
 def test_cli_log_file_gets_progress_lines_and_checkpoint_names_paste_as_overrides(tmp_path):
     """Off a terminal (here: captured output, as in a SLURM log) progress is plain lines in batches;
     a periodic checkpoint's name pastes into ckpt_path= as is, and every periodic one is kept."""
