@@ -7,9 +7,10 @@ block keeps from its forward for the backward.
                  attention) and recomputes the rest in backward: the pointwise ops between them
                  (norms, activations, additions, casts) and the products that sum over fewer than
                  CHEAP_REDUCTION terms (a LoRA's up-projection, over its rank): torch's selective
-                 activation checkpointing, with a policy in the spirit of torchtitan's "op" mode. At SDXL's size (1024 px)
-                 the step keeps 40-45 % of the activations for under 0.5 % more FLOPs than keeping
-                 everything (`python -m lightning_sdxl.benchmarks.step`, docs/benchmark_step.md).
+                 activation checkpointing, with a policy in the spirit of torchtitan's "op" mode. At
+                 SDXL's size (1024 px) the step keeps 40-45 % of the activations for under 0.5 % more
+                 FLOPs than keeping everything (`python -m lightning_sdxl.benchmarks.step`,
+                 docs/benchmark_step.md).
     "none"       everything the forward saves is kept.
 
 `True` and `False` (the configs' former booleans) mean "full" and "none".
@@ -28,8 +29,9 @@ _aten = torch.ops.aten
 # A product whose every output sums fewer terms than this costs little to recompute per byte it
 # would hold: a LoRA's up-projection (rank 64) against the base layer it rides on (320-2560 inputs).
 CHEAP_REDUCTION = 256
-# Ops whose outputs a selective block keeps: every op FlopCounterMode counts in a UNet, so that
-# backward recomputes no matrix FLOPs. Attention's variants by backend (CUDA flash / memory-efficient /
+# Ops whose outputs a selective block keeps (but the cheap products, `keep_compute_bound_outputs`):
+# every op FlopCounterMode counts in a UNet, so that backward recomputes almost no matrix FLOPs.
+# Attention's variants by backend (CUDA flash / memory-efficient /
 # cuDNN, the CPU's flash and the math fallback's batched products).
 COMPUTE_BOUND_OPS = {
     _aten.mm.default,
