@@ -181,14 +181,14 @@ def validate_config(cfg: DictConfig) -> None:
 
 def _check_checkpointing(cfg: DictConfig) -> None:
     """Activation checkpointing modes (activation_checkpointing.py) of the student, D and the FSDP strategy."""
-    from lightning_sdxl.activation_checkpointing import MODES
+    from lightning_sdxl.activation_checkpointing import MODES, checkpointing_mode
 
     for key in ("student.gradient_checkpointing", "discriminator.gradient_checkpointing", "trainer.strategy.activation_checkpointing"):
         value = OmegaConf.select(cfg, key, default=None)
-        _require(
-            value is None or isinstance(value, bool) or value in MODES,
-            f"{key}={value}: choose one of {', '.join(MODES)} (activation checkpointing; true / false mean full / none).",
-        )
+        try:
+            checkpointing_mode(value)  # the one rule of what a mode may be
+        except ValueError:
+            _require(False, f"{key}={value}: choose one of {', '.join(MODES)} (activation checkpointing; true / false mean full / none).")
 
 
 def _check_accelerator(trainer: DictConfig) -> None:
