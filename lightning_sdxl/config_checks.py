@@ -10,20 +10,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_sdxl.data.latent_cache import check_cache_fits
 from lightning_sdxl.diffusion.prediction import PREDICTIONS
-from lightning_sdxl.diffusion.stage_grid import StageGrid
 from lightning_sdxl.errors import ConfigError, MissingPathError
 from lightning_sdxl.io import check_replaceable
-from lightning_sdxl.losses import ADVERSARIAL_LOSSES
 from lightning_sdxl.models.discriminator import DiscriminatorHead
 from lightning_sdxl.models.loading import check_pipeline_folder
 from lightning_sdxl.models.tiny import TINY_BLOCK_OUT_CHANNELS
 from lightning_sdxl.models.vae import vae_scale_factor
-from lightning_sdxl.plain_config import plain_config
 from lightning_sdxl.resume_checks import check_resume
 
 VALID_DTYPES = ("float32", "bfloat16", "float16")
-
-
+# The groups whose files are components (their _target_); the teacher's stage is a workflow's settings.
+COMPONENT_GROUPS = ("stage", "loss", "student", "discriminator")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -46,10 +43,30 @@ def _check_numbers(cfg: DictConfig) -> None:
         )
 
 
+def components(cfg: DictConfig) -> dict[str, object]:
+    """The config's component groups instantiated (cheap objects, no weights): each checks its own
+    settings, and a bad one fails here as a ConfigError naming the group."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    built = {}
+    for group in COMPONENT_GROUPS:
+        if "_target_" not in cfg[group]:
+            continue
+        try:
+            built[group] = hydra.utils.instantiate(cfg[group])
+        except InstantiationException as error:
+            cause = error.__cause__ or error
+            if isinstance(cause, TypeError):  # a key the group's class does not take (a typo)
+                raise ConfigError(f"{group}: {cause}; check the key's spelling against conf/{group}/.") from None
+            raise ConfigError(str(cause)) from None
+    return built
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check the composed training config; raise ConfigError naming the key and the fix."""
     _check_numbers(cfg)
-    stage, student, loss = cfg.stage, cfg.student, cfg.loss
+    stage, loss = cfg.stage, cfg.loss
     if "student_steps" in stage:  # a distillation stage (stage=teacher has no student)
         _require(
             stage.student_steps >= 1 and stage.teacher_steps >= stage.student_steps
@@ -57,19 +74,21 @@ def validate_config(cfg: DictConfig) -> None:
             f"stage.teacher_steps={stage.teacher_steps} is not a positive multiple of stage.student_steps="
             f"{stage.student_steps}; pick steps whose ratio is a whole number (e.g. stage=8to4).",
         )
+    teacher_parts = (stage.name == "teacher", loss.name == "denoising", cfg.module._target_.endswith("TeacherModule"))
     _require(
-        student.type in ("lora", "full"),
-        f"student.type={student.type}: use student=lora or student=full.",
+        all(teacher_parts) or not any(teacher_parts),
+        f"stage={stage.name}, loss={loss.name}, module={cfg.module._target_.rsplit('.', 1)[-1]}: a teacher trains "
+        "with stage=teacher, loss=denoising and module=teacher together; experiment=toy_teacher selects them.",
     )
-    if student.type == "lora":
-        _require(student.lora_rank >= 1, f"student.lora_rank={student.lora_rank}: LoRA rank must be >= 1.")
+    built = components(cfg)
+    adversarial = built["loss"].adversarial
     _require(
         cfg.prediction.type is None or cfg.prediction.type in PREDICTIONS,
         f"prediction.type={cfg.prediction.type}: choose one of {sorted(PREDICTIONS)} or prediction=teacher.",
     )
     _check_accelerator(cfg.trainer)
     if stage.get("segments"):
-        _check_trajectory_segments(cfg)
+        _check_trajectory_segments(cfg, built["loss"])
     _require(cfg.steps >= 1, f"steps={cfg.steps}: train for at least 1 batch.")
     _require(cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size}: give at least 1 image per batch.")
     _require(cfg.student.lr > 0, f"student.lr={cfg.student.lr} must be > 0.")
@@ -101,17 +120,7 @@ def validate_config(cfg: DictConfig) -> None:
         f"model.frozen_dtype={cfg.model.frozen_dtype} needs mixed precision: add "
         "trainer.precision=bf16-mixed (trainer=gpu) or set model.frozen_dtype=float32.",
     )
-    _require(
-        (stage.name == "teacher") == (loss.name == "denoising"),
-        f"stage={stage.name} with loss={loss.name}: the denoising loss trains a teacher (stage=teacher) "
-        "and a teacher trains with it only.",
-    )
-    if loss.name in ADVERSARIAL_LOSSES:
-        weights = list(loss.renoise_weights)
-        _require(
-            len(weights) == len(loss.renoise_timesteps) and min(weights) >= 0 and sum(weights) > 0,
-            "loss.renoise_weights must be non-negative, not all zero, one per loss.renoise_timesteps.",
-        )
+    if adversarial:
         blocks = cfg.discriminator.head_blocks
         _require(blocks is None or blocks >= 0, "discriminator.head_blocks must be >= 0 or null (automatic).")
         warmup = cfg.discriminator.warmup
@@ -120,7 +129,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"discriminator.warmup={warmup} must be >= 0 and below steps={cfg.steps} (the generator must train).",
         )
         _require(cfg.discriminator.lr > 0, f"discriminator.lr={cfg.discriminator.lr} must be > 0.")
-        weight = loss.get("adversarial_weight", 1.0)
+        weight = built["loss"].adversarial_weight
         _require(weight > 0, f"loss.adversarial_weight={weight} must be > 0 (loss=mse is the MSE-only arm).")
     _check_checkpointing(cfg)
     experiment = cfg.get("experiment_name")
@@ -134,11 +143,6 @@ def validate_config(cfg: DictConfig) -> None:
         start is None or start == "all" or (OmegaConf.is_list(start) and len(start) > 0),
         f"stage.start_timesteps={start}: a list of timesteps, 'all', or null (the student's grid).",
     )
-    if "student_steps" in stage and stage.get("pure_noise_weight", 1.0) != 1.0:  # the weighted start must exist
-        try:
-            StageGrid(stage.teacher_steps, stage.student_steps, plain_config(start), stage.pure_noise_weight)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
     init = cfg.get("student_init")
     if init is not None and not Path(str(init)).exists():
         raise MissingPathError(
@@ -153,7 +157,7 @@ def validate_config(cfg: DictConfig) -> None:
     discriminator_init = cfg.discriminator.get("init")
     if discriminator_init is not None:
         _require(
-            loss.name in ADVERSARIAL_LOSSES,
+            adversarial,
             f"discriminator.init={discriminator_init} with loss={loss.name}: only the adversarial losses "
             "have a discriminator; drop discriminator.init.",
         )
@@ -173,7 +177,7 @@ def validate_config(cfg: DictConfig) -> None:
         except FileNotFoundError as error:
             hint = " (the toy teacher: regenerate it with python -m lightning_sdxl.toy.build_teacher)"
             raise MissingPathError(str(error) + (hint if cfg.model.name == "toy" else "")) from error
-    if loss.name in ADVERSARIAL_LOSSES:
+    if adversarial:
         _check_discriminator_fits(cfg)
     check_resume(cfg)
     _check_loggers(cfg)
@@ -223,11 +227,11 @@ _DATA_PATHS = {
 }
 
 
-def _check_trajectory_segments(cfg: DictConfig) -> None:
+def _check_trajectory_segments(cfg: DictConfig, loss) -> None:
     """stage=tscd (Hyper-SD's TSCD, METHOD.md 7): its losses, grid and target network."""
     stage = cfg.stage
     _require(
-        cfg.loss.name in ("mse", "mse_adv"),
+        loss.regression,
         f"stage={stage.name} trains with loss=mse or loss=mse_adv (Hyper-SD's MSE + adversarial mix), not loss={cfg.loss.name}.",
     )
     _require(

@@ -26,7 +26,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from lightning_sdxl.diffusion.prediction import get_prediction
-from lightning_sdxl.diffusion.sampler import sample, seeded_noise
+from lightning_sdxl.diffusion.sampler import generate
 from lightning_sdxl.diffusion.schedule import NoiseSchedule
 from lightning_sdxl.diffusion.solver import unet_fn
 from lightning_sdxl.errors import ConfigError, MissingPathError, instantiate_checked
@@ -205,11 +205,11 @@ def generate_images(
     prediction = get_prediction(model.prediction_type)
     for start in tqdm(range(0, len(missing), batch_size), desc=f"{model.name} {num_steps} steps: generate"):
         batch = missing[start : start + batch_size]
-        condition = build_condition(model.text_encoder, [prompts[i] for i in batch], (resolution, resolution))
+        condition = build_condition(model.text_encoder, [prompts[i] for i in batch], (resolution, resolution)).to(device)
         uncondition = unconditional_like(model.text_encoder, condition) if guidance_scale > 1 else None
-        noise = seeded_noise([seeds[i] for i in batch], resolution // vae_scale_factor(model.vae.config), device)
-        latents = sample(
-            unet_fn(model.unet), model.schedule, prediction, noise, num_steps, condition, uncondition, guidance_scale
+        latents = generate(
+            unet_fn(model.unet), model.schedule, prediction, [seeds[i] for i in batch],
+            resolution // vae_scale_factor(model.vae.config), num_steps, condition, uncondition, guidance_scale,
         )
         for index, image in zip(batch, decode_latents(model.vae, latents)):
             with atomic_path(paths[index]) as temporary:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -11,31 +9,65 @@ from lightning_sdxl.batch_randomness import BatchRandomness
 from lightning_sdxl.diffusion.schedule import NoiseSchedule
 
 
-@dataclass(frozen=True)
-class LossKind:
-    """What a `loss=` choice trains with.
+class DistillationLoss:
+    """A `loss=` choice (conf/loss/): what the generator and the discriminator minimise, whether a
+    discriminator trains (and so how many optimizers a batch steps) and its re-noiser.
 
-    Attributes:
-        adversarial: a discriminator and its optimizer (two optimizer steps per batch).
-        conditional: the discriminator also sees x_t, where the jump started (METHOD.md 3, phase a).
+    Args:
+        name: the choice's name (run folders, exports, resume checks).
         regression: the generator's loss includes the MSE to the teacher's x_{t'} (METHOD.md 2, 7).
+        adversarial: a discriminator and its optimizer (two optimizer steps per batch, METHOD.md 3).
+        conditional: the discriminator also sees x_t, where the jump started (METHOD.md 3, phase a).
+        adversarial_weight: lambda of MSE + lambda x adversarial when both terms train (mse_adv,
+            Hyper-SD's mixed distance, METHOD.md 7).
+        renoise_timesteps: t* for multi-timestep discrimination when t' is clean. The MSE loss's file
+            has none; a preset that sets them for every loss (experiment=toy) leaves it unchanged.
+        renoise_weights: relative weights of `renoise_timesteps`.
+        adam_betas: the optimizers' betas for this loss (METHOD.md 2: (0.9, 0.999) for MSE, (0, 0.99)
+            adversarial); conf/optim/ reads them.
     """
 
-    adversarial: bool
-    conditional: bool
-    regression: bool
+    def __init__(
+        self,
+        name: str,
+        regression: bool,
+        adversarial: bool,
+        conditional: bool = False,
+        adversarial_weight: float | None = None,
+        renoise_timesteps: list[int] | None = None,
+        renoise_weights: list[float] | None = None,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+    ):
+        if not (regression or adversarial):
+            raise ValueError(f"loss={name}: set regression or adversarial (or both).")
+        if conditional and not adversarial:
+            raise ValueError(f"loss={name}: conditional needs adversarial (it is the discriminator's input).")
+        if adversarial and (renoise_timesteps is None or renoise_weights is None):
+            raise ValueError(f"loss={name}: an adversarial loss needs renoise_timesteps and renoise_weights.")
+        if adversarial_weight is not None and not (regression and adversarial):
+            raise ValueError(f"loss={name}: adversarial_weight weighs the adversarial term beside the MSE; only loss=mse_adv has both.")
+        self.name, self.regression, self.adversarial, self.conditional = name, regression, adversarial, conditional
+        self.adversarial_weight = 1.0 if adversarial_weight is None else adversarial_weight
+        self.adam_betas = tuple(adam_betas)
+        self.renoiser = Renoiser(list(renoise_timesteps), list(renoise_weights)) if adversarial else None
 
+    @property
+    def optimizers_per_batch(self) -> int:
+        """Optimizers a batch steps: the generator's, and the discriminator's when adversarial."""
+        return 2 if self.adversarial else 1
 
-# The one list of losses; everything else (config checks, step counts, the module) reads it.
-LOSS_KINDS: dict[str, LossKind] = {
-    "mse": LossKind(adversarial=False, conditional=False, regression=True),
-    "cond_adv": LossKind(adversarial=True, conditional=True, regression=False),
-    "uncond_adv": LossKind(adversarial=True, conditional=False, regression=False),
-    # MSE + lambda x unconditional adversarial: Hyper-SD's mixed distance (METHOD.md 7). Not
-    # SDXL-Lightning's objective: a labelled, stabilised arm beside it.
-    "mse_adv": LossKind(adversarial=True, conditional=False, regression=True),
-}
-ADVERSARIAL_LOSSES = tuple(name for name, kind in LOSS_KINDS.items() if kind.adversarial)
+    def regression_term(self, x_next_fake: torch.Tensor, x_next_real: torch.Tensor) -> torch.Tensor | None:
+        """The generator's MSE to the teacher's x_{t'} (METHOD.md 2, step 5), None when not regressing."""
+        return mse_loss(x_next_fake, x_next_real) if self.regression else None
+
+    def adversarial_term(self, logits_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted, plain) generator adversarial loss (METHOD.md 3), x lambda beside the MSE (METHOD.md 7)."""
+        plain = generator_loss(logits_fake)
+        return (self.adversarial_weight * plain if self.regression else plain), plain
+
+    def discriminator_loss(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        """L_D over the real and the fake rows (METHOD.md 3)."""
+        return discriminator_loss(logits_real, logits_fake)
 
 
 def mse_loss(x_next_student: torch.Tensor, x_next_teacher: torch.Tensor) -> torch.Tensor:

@@ -21,21 +21,21 @@ import lightning as L
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_sdxl.activation_checkpointing import enable_activation_checkpointing
 from lightning_sdxl.batch_randomness import BatchRandomness
+from lightning_sdxl.checkpoint_hparams import read_hparams
 from lightning_sdxl.data.latent_cache import read_cache_info
 from lightning_sdxl.data.stored_conditions import StoredConditions
 from lightning_sdxl.diffusion.prediction import get_prediction
-from lightning_sdxl.diffusion.sampler import sample, seeded_noise
+from lightning_sdxl.diffusion.sampler import generate, seeded_noise
 from lightning_sdxl.diffusion.schedule import CLEAN, NoiseSchedule
-from lightning_sdxl.diffusion.segments import TrajectorySegments
+from lightning_sdxl.diffusion.segments import SegmentedStage
 from lightning_sdxl.diffusion.solver import move, solve
 from lightning_sdxl.diffusion.stage_grid import StageGrid
 from lightning_sdxl.finite_guard import NonFiniteGuard, all_finite
 from lightning_sdxl.gradient_reduction import GradientReduction, reduce_owned_buckets
-from lightning_sdxl.losses import LOSS_KINDS, Renoiser, discriminator_loss, generator_loss, mse_loss
+from lightning_sdxl.losses import DistillationLoss
 from lightning_sdxl.models.conditioning import SDXLCondition
-from lightning_sdxl.models.discriminator import Discriminator
+from lightning_sdxl.models.discriminator import DiscriminatorSpec
 from lightning_sdxl.models.ema import EMAWeights
 from lightning_sdxl.models.loading import (
     check_same_noise_schedule,
@@ -43,7 +43,7 @@ from lightning_sdxl.models.loading import (
     load_sdxl,
     load_unet,
 )
-from lightning_sdxl.models.student import LCM_LORA_TARGET_MODULES, StudentTeacher
+from lightning_sdxl.models.student import StudentSpec
 from lightning_sdxl.models.text_encoding import build_condition, unconditional_like
 from lightning_sdxl.models.vae import (
     decode_latents,
@@ -100,63 +100,35 @@ class Jump:
 
 
 class DistillationModule(L.LightningModule):
-    """One stage "A to B" (METHOD.md 2) with the loss `mse`, `cond_adv`, `uncond_adv` or `mse_adv`.
+    """One stage "A to B" (METHOD.md 2) or one TSCD stage (METHOD.md 7), built from its components.
+
+    The stage, loss, student and discriminator arguments are the Hydra configs of conf/stage/,
+    conf/loss/, conf/student/ and conf/discriminator/ (each with its `_target_`): the module
+    instantiates them, so checkpoints hold plain containers and `load_from_checkpoint` rebuilds them.
 
     Args:
         model_path: diffusers SDXL folder or hub id of the teacher (and initial student).
+        stage: a `StageGrid` (SDXL-Lightning's stages) or `SegmentedStage` (TSCD): the jumps the
+            student learns, the teacher's steps and guidance.
+        loss: a `DistillationLoss`: MSE and/or adversarial terms, the re-noiser, optimizers per batch.
+        student: a `StudentSpec` (LoRA or full, its learning rate and checkpointing).
+        discriminator: a `DiscriminatorSpec`; built only when the loss is adversarial.
+        optim: conf/optim/: `optimizer` (a partial optimizer, given each part's lr), `lr_scheduler`
+            (a partial LR scheduler or None), `gradient_clip_val`, `accumulate_grad_batches` and
+            `max_nonfinite_steps` (optimizer steps in a row with a non-finite loss or gradient,
+            skipped, before NonFiniteTrainingError, `finite_guard.py`).
         model_variant: weight variant to load ("fp16") or None.
         frozen_dtype: "float32", "bfloat16" or "float16" for the frozen teacher, VAE and text encoders.
-        teacher_steps: A, the teacher's steps.
-        student_steps: B, the student's steps.
-        guidance_scale: the teacher's classifier-free guidance (6 in stage 128 to 32, else 1 = off).
-        start_timesteps: multi-timestep training starts (1- and 2-step stages), None for the grid.
-        pure_noise_weight: the t = 999 start drawn this many times as often as each other (1: the
-            paper's uniform draw; `StageGrid`).
-        loss: "mse", "cond_adv", "uncond_adv" or "mse_adv" (losses.LOSS_KINDS).
-        adversarial_weight: lambda of `mse_adv`, L_G = MSE + lambda x adversarial (METHOD.md 7).
-        discriminator_warmup: batches that train the discriminator alone before the generator
-            starts (a GAN practitioner's warm-up; the paper has none: 0).
-        conditioning_fakes: add the real x_{t'} paired with another sample's caption (and, for the
-            conditional discriminator, another sample's x_t) as extra fakes in the discriminator
-            step, so D must read the conditioning (as SANA-Sprint and AMD's LADD reimplementation).
-        renoise_timesteps: t* for multi-timestep discrimination when t' is clean.
-        renoise_weights: relative weights of `renoise_timesteps`.
-        student_type: "lora" or "full".
-        lora_rank: LoRA rank.
-        lora_alpha: LoRA alpha (None: equal to the rank).
-        lora_target_modules: module name suffixes that get LoRA adapters (None: LCM-LoRA's).
-        gradient_checkpointing: activation checkpointing of the student UNet's blocks, "none",
-            "selective" or "full" (`activation_checkpointing.py`; true / false: full / none).
-        discriminator_checkpointing: the same for the discriminator's backbone.
         prediction_type: the student's prediction type; None keeps the teacher's.
-        head_blocks: discriminator head depth (4x4 stride-2 conv blocks); None: as many as leave
-            4 x 4 pixels (`DiscriminatorHead.blocks_for`).
-        head_channels: discriminator head width; None derives it from the mid block.
-        generator_optimizer: a Hydra config of a partial optimizer for the student.
-        discriminator_optimizer: the same for the discriminator.
-        lr_scheduler: a Hydra config of a partial LR scheduler (applied to both), or None.
-        gradient_clip_val: max gradient norm per optimizer step, or None.
-        accumulate_grad_batches: batches whose gradients are summed (averaged) per optimizer step.
         resolution: image size in pixels (target size of the micro-conditioning).
-        validation_teacher_steps: the teacher's steps in validation grids (None: teacher_steps).
+        validation_teacher_steps: the teacher's steps in validation grids (None: the stage's).
         student_init: a LoRA file or UNet folder the student starts from (None: the teacher).
         teacher_path: a diffusers SDXL folder whose UNet and scheduler are the teacher instead of
             model_path's (the recipe's skip-level teacher, METHOD.md 4); the student, VAE, text
             encoders and discriminator still come from model_path. None: model_path is the teacher.
-        discriminator_init: a `discriminator.safetensors` an earlier phase of the same stage wrote
-            (the discriminator is initialised from the teacher once per stage, METHOD.md 3).
-        max_nonfinite_steps: optimizer steps in a row with a non-finite loss or gradient (skipped)
-            before the run stops with NonFiniteTrainingError (`finite_guard.py`).
-        segments: Hyper-SD's TSCD (METHOD.md 7): k trajectory segments, the student mapping any
-            x_t of a segment to its end (`diffusion/segments.py`); None: SDXL-Lightning's stage jumps.
-        consistency_target: TSCD's target network, "ema" (an EMA of the student's trainable weights,
-            `models/ema.py`) or "online" (the student itself, without gradients).
-        ema_decay: the EMA target's decay per generator step.
         latent_cache: the latent cache the run trains from (`data=cached`, data/latent_cache.py): the
             text encoders and the VAE's encoder are not loaded; the validation prompts' conditions
             and the empty prompt come from the cache (data/stored_conditions.py). None: images.
-        shared_judgement: one discriminator forward shared by the generator and discriminator phases
-            (`judge_once`, the same maths); False: D judges in each phase.
         seed: the run's seed; with the batch number and the sample's global row it seeds each
             sample's draws (`batch_randomness.py`).
     """
@@ -164,63 +136,32 @@ class DistillationModule(L.LightningModule):
     def __init__(
         self,
         model_path: str,
+        stage: dict,
+        loss: dict,
+        student: dict,
+        discriminator: dict,
+        optim: dict,
         model_variant: str | None = None,
         frozen_dtype: str = "float32",
-        teacher_steps: int = 8,
-        student_steps: int = 4,
-        guidance_scale: float = 1.0,
-        start_timesteps: list[int] | None = None,
-        pure_noise_weight: float = 1.0,
-        loss: str = "cond_adv",
-        adversarial_weight: float = 1.0,
-        discriminator_warmup: int = 0,
-        conditioning_fakes: bool = False,
-        renoise_timesteps: list[int] | None = (10, 250, 500, 750),
-        renoise_weights: list[float] | None = (1, 1, 1, 1),
-        student_type: str = "lora",
-        lora_rank: int | None = 64,
-        lora_alpha: float | None = None,
-        lora_target_modules: list[str] | None = LCM_LORA_TARGET_MODULES,
-        gradient_checkpointing: str | bool = "none",
-        discriminator_checkpointing: str | bool = "none",
         prediction_type: str | None = None,
-        head_blocks: int | None = None,
-        head_channels: int | None = None,
-        generator_optimizer: dict | None = None,
-        discriminator_optimizer: dict | None = None,
-        lr_scheduler: dict | None = None,
-        gradient_clip_val: float | None = 1.0,
-        accumulate_grad_batches: int = 1,
         resolution: int = 1024,
         validation_teacher_steps: int | None = None,
         student_init: str | None = None,
         teacher_path: str | None = None,
-        discriminator_init: str | None = None,
-        max_nonfinite_steps: int = 3,
-        segments: int | None = None,
-        consistency_target: str = "ema",
-        ema_decay: float = 0.95,
         latent_cache: str | None = None,
-        shared_judgement: bool = True,
         seed: int = 0,
     ):
         super().__init__()
-        if loss not in LOSS_KINDS:
-            raise ValueError(f"loss={loss!r}: choose one of {tuple(LOSS_KINDS)}.")
         # Plain containers in hparams, so checkpoints load with torch.load(weights_only=True).
-        generator_optimizer, discriminator_optimizer, lr_scheduler = (
-            plain_config(generator_optimizer), plain_config(discriminator_optimizer), plain_config(lr_scheduler)
-        )
-        start_timesteps, lora_target_modules = plain_config(start_timesteps), plain_config(lora_target_modules)
-        renoise_timesteps, renoise_weights = plain_config(renoise_timesteps), plain_config(renoise_weights)
+        stage, loss, student, discriminator, optim = map(plain_config, (stage, loss, student, discriminator, optim))
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.loss_kind = LOSS_KINDS[loss]
-        self.adversarial = self.loss_kind.adversarial
-        self.grid = StageGrid(teacher_steps, student_steps, start_timesteps, pure_noise_weight)
-        self.segments = TrajectorySegments(segments, teacher_steps) if segments else None
-        if consistency_target not in ("ema", "online"):
-            raise ValueError(f"stage.consistency_target={consistency_target!r}: choose 'ema' or 'online'.")
+        self.stage: StageGrid | SegmentedStage = hydra.utils.instantiate(stage)
+        self.loss: DistillationLoss = hydra.utils.instantiate(loss)
+        self.student_spec: StudentSpec = hydra.utils.instantiate(student)
+        self.discriminator_spec: DiscriminatorSpec = hydra.utils.instantiate(discriminator)
+        self.adversarial = self.loss.adversarial
+        self.segmented = isinstance(self.stage, SegmentedStage)
 
         components = load_sdxl(model_path, model_variant, text_encoders=not latent_cache)
         dtype = getattr(torch, frozen_dtype)
@@ -238,25 +179,16 @@ class DistillationModule(L.LightningModule):
             self.stored_conditions = StoredConditions(latent_cache, read_cache_info(latent_cache)["validation"]["prompts"])
         self.latent_size = resolution // vae_scale_factor(self.vae.config)
         # Built from the stage's teacher before the student gets adapters; the recipe carries it
-        # through the stage's phases (discriminator_init) and builds a new one every stage.
+        # through the stage's phases (discriminator.init) and builds a new one every stage.
         self.discriminator = None
         if self.adversarial:
-            self.discriminator = Discriminator.from_unet(
-                components.unet, conditional=self.loss_kind.conditional, head_channels=head_channels,
-                head_blocks=head_blocks, dtype=torch.float32, latent_size=self.latent_size,
-            )
-            if discriminator_init:
-                self.discriminator.continue_from(discriminator_init)
-            enable_activation_checkpointing(self.discriminator.backbone, discriminator_checkpointing)
-        self.pair = StudentTeacher(
-            components.unet, student_type, lora_rank, lora_alpha, tuple(lora_target_modules or LCM_LORA_TARGET_MODULES), dtype,
-            student_init, teacher=separate_teacher,
-        )
-        enable_activation_checkpointing(self.pair.unet, gradient_checkpointing)
+            self.discriminator = self.discriminator_spec.build(components.unet, self.loss.conditional, self.latent_size)
+        self.pair = self.student_spec.build(components.unet, dtype, student_init, teacher=separate_teacher)
         # TSCD's target network: the EMA of the student's trainable weights (after adapters exist).
-        self.ema = EMAWeights(self.pair.unet, ema_decay) if segments and consistency_target == "ema" else None
-        self.renoiser = Renoiser(list(renoise_timesteps), list(renoise_weights)) if self.adversarial else None
-        self.finite_guard = NonFiniteGuard(max_nonfinite_steps)
+        self.ema = None
+        if self.segmented and self.stage.consistency_target == "ema":
+            self.ema = EMAWeights(self.pair.unet, self.stage.ema_decay)
+        self.finite_guard = NonFiniteGuard(optim["max_nonfinite_steps"])
         # Per batch: (t, accuracy) per sample; on_train_start bounds it to the run's last fifth.
         self.discriminator_accuracies: deque[tuple[torch.Tensor, torch.Tensor]] = deque()
         self.batches_recorded = 0  # batches appended in this process (the deque keeps the newest)
@@ -272,11 +204,15 @@ class DistillationModule(L.LightningModule):
     def for_inference(cls, checkpoint_path: str | Path, **overrides) -> DistillationModule:
         """A checkpoint's module on the CPU with every frozen part (also the text encoders and the
         VAE's encoder of a run from a latent cache), for sampling, export and inspection.
-        `overrides` replace recorded arguments (e.g. model_path=<the base folder here>)."""
+        `overrides` replace recorded arguments (e.g. model_path=<the base folder here>). The
+        discriminator's trained weights come from the checkpoint (its `init` file is not read);
+        checkpoints of the flat argument form load too (`checkpoint_hparams.upgrade`)."""
+        hparams = read_hparams(checkpoint_path)
+        hparams["discriminator"] = {**hparams["discriminator"], "init": None}
         with warnings.catch_warnings():  # the frozen parts are absent by design: they reload from model_path
             warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
             return cls.load_from_checkpoint(
-                str(checkpoint_path), map_location="cpu", weights_only=True, **{"latent_cache": None, **overrides}
+                str(checkpoint_path), map_location="cpu", weights_only=True, **{**hparams, "latent_cache": None, **overrides}
             )
 
     # ---- data ----------------------------------------------------------------------------------
@@ -297,7 +233,7 @@ class DistillationModule(L.LightningModule):
 
     def uncondition(self, condition: SDXLCondition) -> SDXLCondition | None:
         """The empty-prompt condition when the teacher uses CFG (stage 128 to 32), else None."""
-        if self.hparams.guidance_scale <= 1.0:
+        if self.stage.guidance_scale <= 1.0:
             return None
         encoder = self.text_encoder if self.stored_conditions is None else self.stored_conditions
         return unconditional_like(encoder, condition).to(condition.add_time_ids.device, torch.float32)
@@ -323,11 +259,11 @@ class DistillationModule(L.LightningModule):
 
     @property
     def optimizers_per_batch(self) -> int:
-        return 2 if self.adversarial else 1
+        return self.loss.optimizers_per_batch
 
     @property
     def accumulate_grad_batches(self) -> int:
-        return self.hparams.accumulate_grad_batches
+        return self.hparams.optim["accumulate_grad_batches"]
 
     @property
     def batches_trained(self) -> int:
@@ -340,16 +276,16 @@ class DistillationModule(L.LightningModule):
         A TSCD stage's jump instead: `consistency_jump`. `randomness`: the batch's per-sample draws
         (`batch_randomness.py`; None: torch's global generator)."""
         randomness = randomness or BatchRandomness(len(x0))
-        if self.segments is not None:
+        if self.segmented:
             return self.consistency_jump(x0, condition, randomness)
-        path = randomness.per_sample(self.grid.draw).to(self.device)  # (n + 1, B): t, teacher substeps, t'
+        path = randomness.per_sample(self.stage.draw).to(self.device)  # (n + 1, B): t, teacher substeps, t'
         t, t_next = path[0], path[-1]
         x_t = self.schedule.forward_process(x0, randomness.normal(x0), t)  # (B, 4, R/f, R/f)
         # Teacher target: n frozen steps from t to t' (step 3), adapters toggled once for all n.
         with self.pair.teacher_mode():
             x_next_real = solve(
                 self.pair.teacher, self.schedule, self.teacher_prediction, x_t, path, condition,
-                self.uncondition(condition), self.hparams.guidance_scale,
+                self.uncondition(condition), self.stage.guidance_scale,
             )
         # Student: one jump from t to t' (step 4).
         u = self.pair.student(x_t, t, condition)
@@ -362,12 +298,12 @@ class DistillationModule(L.LightningModule):
         segment's end t_end (x_{t_mid} itself when t_mid is the end) as x_{t'}'s real, and the
         student's map of x_t to t_end (with gradients) as its fake."""
         randomness = randomness or BatchRandomness(len(x0))
-        t, t_mid, t_end = randomness.per_sample(self.segments.draw).to(self.device)
+        t, t_mid, t_end = randomness.per_sample(self.stage.draw).to(self.device)
         x_t = self.schedule.forward_process(x0, randomness.normal(x0), t)
         with self.pair.teacher_mode():
             x_mid = solve(
                 self.pair.teacher, self.schedule, self.teacher_prediction, x_t, torch.stack([t, t_mid]),
-                condition, self.uncondition(condition), self.hparams.guidance_scale,
+                condition, self.uncondition(condition), self.stage.guidance_scale,
             )
         with torch.no_grad():
             # The target network runs only on rows whose teacher step stopped short of the end (under
@@ -391,7 +327,7 @@ class DistillationModule(L.LightningModule):
         """(real, fake, t_judge): the jump's x_{t'} as the discriminator sees them, re-noised to t*
         where t' is clean (multi-timestep discrimination, METHOD.md 3)."""
         clean = jump.t_next == CLEAN
-        return self.renoiser(self.schedule, jump.x_next_real, jump.x_next_fake, jump.t_next, clean, randomness)
+        return self.loss.renoiser(self.schedule, jump.x_next_real, jump.x_next_fake, jump.t_next, clean, randomness)
 
     def latents_and_condition(self, batch: dict, randomness: BatchRandomness | None = None) -> tuple[torch.Tensor, SDXLCondition]:
         """x0 (B, 4, R/f, R/f), a posterior sample, and the condition of a batch of images, or of a
@@ -422,15 +358,14 @@ class DistillationModule(L.LightningModule):
             self.generator_phase(jump, None, None, batch_idx)
             return
         x_real, x_fake, t_judge = self.judged(jump, randomness)
-        shared = self.hparams.get("shared_judgement", True)
-        judgement = self.judge_once(jump, x_fake, t_judge) if shared else None
+        judgement = self.judge_once(jump, x_fake, t_judge) if self.discriminator_spec.shared_forward else None
         self.generator_phase(jump, x_fake, t_judge, batch_idx, judgement)
         self.discriminator_phase(jump, x_real, x_fake.detach(), t_judge, batch_idx, judgement)
 
     @property
     def generator_is_judged(self) -> bool:
         """The generator takes D's gradient (not during the discriminator warm-up)."""
-        return self.adversarial and self.batches_trained >= self.hparams.discriminator_warmup
+        return self.adversarial and self.batches_trained >= self.discriminator_spec.warmup
 
     def judge_once(self, jump: Jump, x_fake, t_judge) -> Judgement:
         """The lean step's one discriminator forward over x_t and the fake (METHOD.md 3), shared by
@@ -469,22 +404,21 @@ class DistillationModule(L.LightningModule):
                     jump.x_t, jump.t, [x_fake], t_judge, jump.condition, start_gradient=False
                 )
                 adversarial = through_fake = self.weighted_adversarial(logits_fake)
-            loss = mse_loss(jump.x_next_fake, jump.x_next_real) if self.loss_kind.regression else None
+            loss = self.loss.regression_term(jump.x_next_fake, jump.x_next_real)
             backward_loss = loss
             if adversarial is not None:
                 loss = adversarial if loss is None else loss + adversarial
                 backward_loss = through_fake if backward_loss is None else backward_loss + through_fake
             self._optimizer_step(0, loss, "generator", batch_idx, backward_loss)
-        if self.ema is not None and (batch_idx + 1) % self.hparams.accumulate_grad_batches == 0:
+        if self.ema is not None and (batch_idx + 1) % self.accumulate_grad_batches == 0:
             self.ema.update(self.pair.unet)  # after the student's step (TSCD's target network)
 
     def weighted_adversarial(self, logits_fake: torch.Tensor) -> torch.Tensor:
-        """The generator's adversarial loss (METHOD.md 3), x lambda under mse_adv (METHOD.md 7)."""
-        adversarial = generator_loss(logits_fake)
-        if self.loss_kind.regression:  # mse_adv: MSE + lambda x adversarial
-            self.log("loss/generator_adversarial", adversarial.detach())
-            adversarial = self.hparams.adversarial_weight * adversarial
-        return adversarial
+        """The generator's adversarial loss (METHOD.md 3), x lambda beside the MSE (METHOD.md 7)."""
+        weighted, plain = self.loss.adversarial_term(logits_fake)
+        if self.loss.regression:  # mse_adv: MSE + lambda x adversarial; the plain term logged apart
+            self.log("loss/generator_adversarial", plain.detach())
+        return weighted
 
     def discriminator_phase(
         self, jump: Jump, x_real, x_fake, t_judge, batch_idx: int, judgement: Judgement | None = None
@@ -501,7 +435,7 @@ class DistillationModule(L.LightningModule):
                 logits_fake = judgement.logits_fake
                 logits_real = self.discriminator.judge_real(judgement.start_features, x_real, t_judge, jump.condition)
             extra_fakes = self._conditioning_fakes(jump.x_t, jump.t, x_real, t_judge, jump.condition)
-            loss = discriminator_loss(logits_real, torch.cat([logits_fake, *extra_fakes]))
+            loss = self.loss.discriminator_loss(logits_real, torch.cat([logits_fake, *extra_fakes]))
             self._optimizer_step(1, loss, "discriminator", batch_idx)
         correct_real, correct_fake = (logits_real > 0).float().detach(), (logits_fake < 0).float().detach()
         self.discriminator_accuracies.append((jump.t.detach(), (correct_real + correct_fake) / 2))
@@ -529,7 +463,7 @@ class DistillationModule(L.LightningModule):
         """Logits of the real x_{t'} judged with another sample's caption [and x_t, conditional D]:
         fakes that differ from the reals only in the pairing (`conditioning_fakes`). The batch is
         rolled by one, so a neighbour that happens to share the caption is a mislabelled fake."""
-        if not self.hparams.conditioning_fakes or len(x_real) < 2:
+        if not self.discriminator_spec.conditioning_fakes or len(x_real) < 2:
             return []
         roll = torch.roll(torch.arange(len(x_real), device=x_real.device), 1)
         (wrong_caption,) = self.discriminator.judge(x_t, t, [x_real], t_judge, condition.index(roll))
@@ -570,7 +504,7 @@ class DistillationModule(L.LightningModule):
         last = list(self.discriminator_accuracies)[-max(1, self.batches_recorded // 5):]
         starts = torch.cat([t for t, _ in last])  # (N,)
         correct = torch.cat([c for _, c in last])  # (N,) per-sample accuracy in {0, 0.5, 1}
-        keys = (self.grid.start_positions - 1).round().long().to(starts.device)  # every start the grid draws
+        keys = (self.stage.start_positions - 1).round().long().to(starts.device)  # every start the grid draws
         # Sums and counts per start, plus the overall pair, so ranks combine by summing.
         totals = torch.stack([
             torch.stack([correct[starts == key].sum(), (starts == key).sum().float()]) for key in keys
@@ -597,7 +531,7 @@ class DistillationModule(L.LightningModule):
         or gradient (over all ranks) is skipped, counted and logged (`finite_guard.py`): no backward
         or no update, gradients cleared; the step still counts."""
         optimizer = self._as_list(self.optimizers())[index]
-        accumulate = self.hparams.accumulate_grad_batches
+        accumulate = self.accumulate_grad_batches
         finite = lambda tensors: self.trainer.strategy.reduce_boolean_decision(all_finite(tensors), all=True)
         finite_loss = loss is None or finite([loss.detach()])  # the same answer on every rank
         if loss is not None and finite_loss:
@@ -609,8 +543,8 @@ class DistillationModule(L.LightningModule):
         if stepping:
             if not finite_step:
                 optimizer.zero_grad(set_to_none=True)  # no gradients: the weights stay, the step counts
-            elif self.hparams.gradient_clip_val:
-                self.clip_gradients(optimizer, self.hparams.gradient_clip_val, "norm")
+            elif self.hparams.optim["gradient_clip_val"]:
+                self.clip_gradients(optimizer, self.hparams.optim["gradient_clip_val"], "norm")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedulers = self._as_list(self.lr_schedulers())
@@ -628,15 +562,14 @@ class DistillationModule(L.LightningModule):
         return value if isinstance(value, list) else [value]
 
     def configure_optimizers(self):
-        generator = hydra.utils.instantiate(self.hparams.generator_optimizer)(self.pair.trainable_parameters())
-        optimizers = [generator]
+        """conf/optim's optimizer for the student at student.lr [and the discriminator at discriminator.lr]."""
+        make_optimizer = hydra.utils.instantiate(self.hparams.optim["optimizer"])
+        optimizers = [make_optimizer(self.pair.trainable_parameters(), lr=self.student_spec.lr)]
         if self.adversarial:
-            optimizers.append(
-                hydra.utils.instantiate(self.hparams.discriminator_optimizer)(self.discriminator.parameters())
-            )
-        if not self.hparams.lr_scheduler:
+            optimizers.append(make_optimizer(self.discriminator.parameters(), lr=self.discriminator_spec.lr))
+        if not self.hparams.optim.get("lr_scheduler"):
             return optimizers
-        make_scheduler = hydra.utils.instantiate(self.hparams.lr_scheduler)
+        make_scheduler = hydra.utils.instantiate(self.hparams.optim["lr_scheduler"])
         return optimizers, [make_scheduler(optimizer) for optimizer in optimizers]
 
     # ---- validation: fixed prompts and seeds, teacher beside student ---------------------------
@@ -647,25 +580,25 @@ class DistillationModule(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: torch.Tensor, model: str, num_steps: int) -> torch.Tensor:
-        """Latents x0 of the teacher or the student ("teacher" / "student") at num_steps."""
+        """Latents x0 of the teacher (with the stage's guidance) or the student ("teacher" /
+        "student") at num_steps (`diffusion.sampler.generate`)."""
         condition = self.condition(prompts)
-        noise = self.initial_noise(seeds)
         if model == "teacher":
             with self.pair.teacher_mode():
-                return sample(
-                    self.pair.teacher, self.schedule, self.teacher_prediction, noise, num_steps,
-                    condition, self.uncondition(condition), self.hparams.guidance_scale,
+                return generate(
+                    self.pair.teacher, self.schedule, self.teacher_prediction, seeds.tolist(), self.latent_size,
+                    num_steps, condition, self.uncondition(condition), self.stage.guidance_scale,
                 )
-        return sample(self.pair.student, self.schedule, self.student_prediction, noise, num_steps, condition)
+        return generate(self.pair.student, self.schedule, self.student_prediction, seeds.tolist(), self.latent_size, num_steps, condition)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # The frozen teacher's samples of the fixed prompts and seeds never change: generate once.
         key = (tuple(batch["prompt"]), tuple(batch["seed"].tolist()))
         if key not in self.teacher_samples:
-            teacher_steps = self.hparams.validation_teacher_steps or self.hparams.teacher_steps
+            teacher_steps = self.hparams.validation_teacher_steps or self.stage.teacher_steps
             self.teacher_samples[key] = self.generate(batch["prompt"], batch["seed"], "teacher", teacher_steps).cpu()
         teacher = self.teacher_samples[key].to(self.device)
-        student = self.generate(batch["prompt"], batch["seed"], "student", self.hparams.student_steps)
+        student = self.generate(batch["prompt"], batch["seed"], "student", self.stage.student_steps)
         self.log("val/latent_mse_to_teacher", torch.mean((student - teacher) ** 2), sync_dist=True)
         self.validation_outputs.append(
             {"teacher": self.decode_latents(teacher), "student": self.decode_latents(student), "seed": batch["seed"]}

@@ -7,20 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_sdxl.checkpoint_hparams import read_hparams
 from lightning_sdxl.errors import ConfigError, MissingPathError
 from lightning_sdxl.sharding import SHARDED_METADATA, is_sharded_checkpoint
 
-# Checkpoint hyperparameter -> the config key that sets it (DistillationModule's arguments).
-MUST_MATCH = {
-    "loss": "loss.name",
-    "teacher_steps": "stage.teacher_steps",
-    "student_steps": "stage.student_steps",
-    "student_type": "student.type",
-    "lora_rank": "student.lora_rank",
-}
+# DistillationModule's arguments that a resumed run must share; each is also the config key that sets
+# it (the module records its component configs as given).
+MUST_MATCH = ("loss.name", "stage.teacher_steps", "stage.student_steps", "student.type", "student.lora_rank")
 
 
 def resume_checkpoint(cfg: DictConfig) -> Path | None:
@@ -56,15 +51,14 @@ def check_resume(cfg: DictConfig) -> None:
     # trainer=fsdp writes a folder of shards with the hyperparameters in its metadata file.
     source = path / SHARDED_METADATA if is_sharded_checkpoint(path) else path
     try:  # mmap: only the small hyperparameter dict is read, not the weights
-        saved = torch.load(source, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        saved = OmegaConf.create(read_hparams(source))  # older checkpoints' flat form upgraded
     except Exception as error:  # a truncated or foreign file
         raise ConfigError(f"ckpt_path={path} is not a readable Lightning checkpoint ({type(error).__name__}).") from error
-    configured = {key: OmegaConf.select(cfg, config_key, default=None) for key, config_key in MUST_MATCH.items()}
-    clashes = [
-        f"{key}={saved[key]} (this config: {MUST_MATCH[key]}={value})"
-        for key, value in configured.items()
-        if key in saved and value is not None and saved[key] != value
-    ]
+    clashes = []
+    for key in MUST_MATCH:
+        recorded, value = OmegaConf.select(saved, key, default=None), OmegaConf.select(cfg, key, default=None)
+        if recorded is not None and value is not None and recorded != value:
+            clashes.append(f"{key}={recorded} (this config: {key}={value})")
     if clashes:
         raise ConfigError(
             f"ckpt_path={path} was trained with {', '.join(clashes)}: resume with the run's own stage, loss "

@@ -15,6 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from lightning_sdxl import ASSETS_DIR
+from lightning_sdxl.checkpoint_hparams import is_distillation, read_hparams
 from lightning_sdxl.errors import ConfigError, MissingPathError
 from lightning_sdxl.evaluate import ModelUnderTest, load_model_under_test
 from lightning_sdxl.models.loading import check_pipeline_folder
@@ -160,9 +161,8 @@ def export_target(export: Path, args: argparse.Namespace, name: str | None = Non
 
 
 def checkpoint_target(path: Path, args: argparse.Namespace) -> Target:
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # hparams only; mmap reads no weights
-    hparams = saved.get("hyper_parameters") or {}
-    if "student_steps" not in hparams:
+    hparams = read_hparams(path)  # mmap: reads no weights
+    if not is_distillation(hparams):
         raise ConfigError(
             f"{path} is not a distillation checkpoint (no student_steps): sample a teacher run's export/ "
             "(a diffusers SDXL folder) with --steps N."
@@ -171,7 +171,7 @@ def checkpoint_target(path: Path, args: argparse.Namespace) -> Target:
     base = _check_base(args.base) if args.base else find_base(hparams.get("model_path"), run_dir, str(path))
     return Target(
         f"{run_dir.name}/{path.stem}", "checkpoint", path, base,
-        int(hparams["student_steps"]) if args.steps is None else args.steps,
+        int(hparams["stage"]["student_steps"]) if args.steps is None else args.steps,
         args.resolution or hparams.get("resolution"),
     )
 
@@ -265,8 +265,7 @@ def load_checkpoint_model(target: Target, device: torch.device) -> ModelUnderTes
     from lightning_sdxl.module import DistillationModule
 
     module = DistillationModule.for_inference(
-        target.path, model_path=target.base, frozen_dtype="float32", teacher_path=None, student_init=None,
-        discriminator_init=None,
+        target.path, model_path=target.base, frozen_dtype="float32", teacher_path=None, student_init=None
     )
     return ModelUnderTest(
         name=target.name,

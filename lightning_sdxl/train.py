@@ -9,14 +9,13 @@ import warnings
 import hydra
 import lightning as L
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_sdxl.callbacks.progress import BatchProgressBar, ProgressLog
 from lightning_sdxl.callbacks.rng_state import RngStateCheckpoint
 from lightning_sdxl.config_checks import validate_config
 from lightning_sdxl.errors import instantiate_checked
 from lightning_sdxl.io import AtomicCheckpointIO
-from lightning_sdxl.losses import ADVERSARIAL_LOSSES
 from lightning_sdxl.run_lock import check_not_locked, run_lock
 from lightning_sdxl.steps import to_optimizer_steps
 
@@ -45,10 +44,11 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_HideMaxSte
 
 
 def optimizer_steps(cfg: DictConfig, batches: int) -> int:
-    """Lightning global steps for `batches` batches (lightning_sdxl/steps.py). The module's config
-    says whether it accumulates (a teacher run does not: it ignores the optim group)."""
-    optimizers = 2 if cfg.loss.name in ADVERSARIAL_LOSSES else 1
-    return to_optimizer_steps(batches, optimizers, cfg.module.get("accumulate_grad_batches", 1))
+    """Lightning global steps for `batches` batches (lightning_sdxl/steps.py): the loss says how many
+    optimizers a batch steps, the module's config whether it accumulates (a teacher run does not: it
+    takes no optim group)."""
+    accumulate = OmegaConf.select(cfg, "module.optim.accumulate_grad_batches", default=1)
+    return to_optimizer_steps(batches, hydra.utils.instantiate(cfg.loss).optimizers_per_batch, accumulate)
 
 
 def _multi_device(trainer_cfg: DictConfig) -> bool:
@@ -68,8 +68,10 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     else:  # a log file or a SLURM job: a bar prints nothing until the end; plain lines instead
         callbacks = [*callbacks, ProgressLog(cfg.progress_log_seconds)]
         kwargs["enable_progress_bar"] = False
-    if cfg.trainer.strategy == "auto" and _multi_device(cfg.trainer):
-        # The generator and discriminator steps each leave the other's weights without gradients.
+    if cfg.trainer.strategy == "ddp" or (cfg.trainer.strategy == "auto" and _multi_device(cfg.trainer)):
+        # The generator's and the discriminator's backward each leave the other's weights without
+        # gradients, which DDP refuses unless it looks for them (docs/MEASUREMENTS.md, "DDP with two
+        # optimizers"): the training code sets it, not a config value a user could drop.
         kwargs["strategy"] = DDPStrategy(find_unused_parameters=True)
     return hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()], **kwargs

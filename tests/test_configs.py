@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from safetensors.torch import save_file
 
+from lightning_sdxl.checkpoint_hparams import upgrade
 from lightning_sdxl.config_checks import ConfigError, validate_config
 from lightning_sdxl.data.cached import VALIDATION_IMAGES
 from lightning_sdxl.data.latent_cache import CACHE_INFO, encoder_files, write_shard
@@ -51,7 +52,7 @@ MODULE_GROUPS = ("stage", "loss", "prediction", "student", "discriminator", "opt
 HUB_MODELS = ("sdxl",)
 # recipe: the recipes' plans (test_recipe.py, test_hypersd.py walk them; composed here).
 HANDLED_GROUPS = {"data", "callbacks", "logger", "trainer", "experiment", "metrics", "module", "recipe", *MODULE_GROUPS}
-# Teacher training (stage=teacher: module=teacher, loss=denoising) builds the TeacherModule instead.
+# Teacher training (experiment=toy_teacher: stage=teacher, module=teacher, loss=denoising) builds the TeacherModule.
 TEACHER_FILES = {("stage", "teacher"), ("loss", "denoising"), ("module", "teacher")}
 
 
@@ -89,8 +90,8 @@ def _required_overrides(group: str, name: str, tiny: str, root: str) -> list[str
         return [f"data.cache_dir={_small_cache(Path(root) / 'cache', tiny)}"]
     if (group, name) in (("experiment", "sdxl"), ("experiment", "sdxl_recipe"), ("experiment", "sdxl_hypersd")):
         return [f"model.path={tiny}", f"data.root={root}"]
-    if (group, name) in TEACHER_FILES - {("stage", "teacher")}:
-        return ["stage=teacher"]
+    if (group, name) in TEACHER_FILES:
+        return ["experiment=toy_teacher"]
     return []
 
 
@@ -161,7 +162,7 @@ def test_every_file_composes(group, name, tiny_sdxl_path, image_root, tmp_path):
     assert container["module"]["_target_"] == module
     raw = OmegaConf.load(CONF / group / f"{name}.yaml")
     is_global = (CONF / group / f"{name}.yaml").read_text().startswith("# @package _global_")
-    if not is_global:  # experiments and stage=teacher are `@package _global_`
+    if not is_global:  # experiments are `@package _global_`
         own_keys = set(raw) - {"defaults"}
         assert own_keys <= set(cfg[group]), (
             f"{group}={name}: keys {own_keys - set(cfg[group])} were lost"
@@ -198,7 +199,7 @@ def test_experiment_sdxl_selects_the_real_setup(tiny_sdxl_path, image_root, tmp_
     assert (cfg.model.name, cfg.data._target_, cfg.trainer.strategy) == (
         "sdxl",
         "lightning_sdxl.data.FolderDataModule",
-        "ddp_find_unused_parameters_true",
+        "ddp",
     )
     assert cfg.model.frozen_dtype == "bfloat16" and "mixed" in cfg.trainer.precision
 
@@ -305,14 +306,14 @@ def test_trainer_files_build(group, name, make_config):
         assert isinstance(trainer.strategy, FullyShardedStrategy)
         assert trainer.strategy.param_dtype == torch.bfloat16 and trainer.strategy.activation_checkpointing
     else:
-        assert isinstance(trainer.strategy, DDPStrategy) and strategy.startswith("ddp")
-        if "find_unused_parameters_true" in strategy:
-            assert trainer.strategy._ddp_kwargs.get("find_unused_parameters") is True
+        assert isinstance(trainer.strategy, DDPStrategy) and strategy == "ddp"
+        # Set by build_trainer: each optimizer's backward leaves the other's weights without gradients.
+        assert trainer.strategy._ddp_kwargs.get("find_unused_parameters") is True
 
 
 @pytest.mark.parametrize("loss", GROUPS["loss"])
 def test_max_steps_counts_optimizer_steps_per_batch(loss, make_config):
-    cfg = make_config(f"loss={loss}", "steps=7")
+    cfg = make_config(f"loss={loss}", "steps=7", *(["experiment=toy_teacher"] if loss == "denoising" else []))
     assert build_trainer(cfg, [], []).max_steps == 7 * (1 if loss in ("mse", "denoising") else 2)
 
 
@@ -363,12 +364,14 @@ def test_module_groups_instantiate(choices, tiny_sdxl_path, make_config):
     assert module.hparams.model_path == tiny_sdxl_path
 
     # stage: the student jumps teacher_steps // student_steps teacher steps at once.
-    assert module.grid.substeps == cfg.stage.teacher_steps // cfg.stage.student_steps
-    assert (module.hparams.teacher_steps, module.hparams.student_steps) == (
+    if not module.segmented:
+        assert module.stage.substeps == cfg.stage.teacher_steps // cfg.stage.student_steps
+    assert (module.stage.name, module.stage.teacher_steps, module.stage.student_steps) == (
+        cfg.stage.name,
         cfg.stage.teacher_steps,
         cfg.stage.student_steps,
     )
-    assert module.hparams.guidance_scale == cfg.stage.guidance_scale
+    assert module.stage.guidance_scale == cfg.stage.guidance_scale
 
     # loss: a discriminator only for the adversarial losses, conditional only for cond_adv.
     if cfg.loss.name == "mse":
@@ -394,7 +397,7 @@ def test_module_groups_instantiate(choices, tiny_sdxl_path, make_config):
     if cfg.student.type == "lora":
         assert all("lora_" in name for name in trainable)
         assert module.pair.teacher_unet is None
-        assert module.hparams.lora_rank == cfg.student.lora_rank
+        assert module.student_spec.lora_rank == cfg.student.lora_rank
     else:
         assert len(trainable) == len(list(module.pair.unet.parameters()))
         assert not any(p.requires_grad for p in module.pair.teacher_unet.parameters())
@@ -406,9 +409,8 @@ def test_module_groups_instantiate(choices, tiny_sdxl_path, make_config):
     # optim: one optimizer per model, lr from the student and discriminator groups, betas from the loss group.
     optimizers, schedulers = module.configure_optimizers()
     assert len(optimizers) == len(schedulers) == module.optimizers_per_batch
-    for optimizer, entry, lr in zip(optimizers, (cfg.optim.generator, cfg.optim.discriminator),
-                                    (cfg.student.lr, cfg.discriminator.lr)):
-        assert type(optimizer) is _target_class(entry._target_)
+    for optimizer, lr in zip(optimizers, (cfg.student.lr, cfg.discriminator.lr)):
+        assert type(optimizer) is _target_class(cfg.optim.optimizer._target_)
         assert optimizer.defaults["lr"] == lr
         assert tuple(optimizer.defaults["betas"]) == tuple(cfg.loss.adam_betas)
     assert sum(p.numel() for group in optimizers[0].param_groups for p in group["params"]) == sum(
@@ -535,15 +537,20 @@ def test_bad_config_fails_before_any_model_loads(
     assert "\n" not in message.strip(), f"the message must be one line: {message!r}"
 
 
-def test_resuming_another_loss_or_stage_fails_before_any_model_loads(make_config, tmp_path):
+@pytest.mark.parametrize("form", ["components", "flat (before b038ffe)"])
+def test_resuming_another_loss_or_stage_fails_before_any_model_loads(form, make_config, tmp_path):
     """The checkpoint's own hyperparameters are compared with the config (issue 15: loss=mse on a
-    cond_adv checkpoint trained 2 of 14 batches and labelled the export mse)."""
+    cond_adv checkpoint trained 2 of 14 batches and labelled the export mse); checkpoints of the
+    older flat argument form are read through `checkpoint_hparams.upgrade`."""
     checkpoint = tmp_path / "adv.ckpt"
     hparams = {"loss": "cond_adv", "teacher_steps": 8, "student_steps": 4, "student_type": "lora", "lora_rank": 4}
+    if form == "components":
+        hparams = upgrade(hparams)
+        assert hparams["loss"]["name"] == "cond_adv" and hparams["stage"]["teacher_steps"] == 8
     torch.save({"hyper_parameters": hparams, "state_dict": {}}, checkpoint)
-    with pytest.raises(ConfigError, match="trained with loss=cond_adv .this config: loss.name=mse"):
+    with pytest.raises(ConfigError, match="trained with loss.name=cond_adv .this config: loss.name=mse"):
         validate_config(make_config("loss=mse", f"ckpt_path={checkpoint}"))
-    with pytest.raises(ConfigError, match="teacher_steps=8 .this config: stage.teacher_steps=2"):
+    with pytest.raises(ConfigError, match="stage.teacher_steps=8 .this config: stage.teacher_steps=2"):
         validate_config(make_config("stage=2to1", "loss=cond_adv", f"ckpt_path={checkpoint}"))
 
 

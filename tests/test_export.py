@@ -90,12 +90,12 @@ def lora_export(tiny_sdxl_path, tmp_path_factory):
     """A perturbed LoRA student with lora_alpha != rank (alpha 8, rank 4), and its export."""
     root = tmp_path_factory.mktemp("lora_export")
     module = build_perturbed_module(tiny_sdxl_path, root / "run", "student.lora_alpha=8")
-    assert module.hparams.lora_rank == 4
+    assert module.student_spec.lora_rank == 4
     return module, export_student(module, root / "export")
 
 
 def assert_pipeline_reproduces_student(module, export: Path, base: str, single_file: bool = False) -> None:
-    steps = module.hparams.student_steps
+    steps = module.stage.student_steps
     size = module.hparams.resolution
     expected = module.generate(PROMPTS, SEEDS, "student", steps)
     pipe = single_file_pipeline(base, export) if single_file else stock_pipeline(base, export)

@@ -19,8 +19,7 @@ PHASE = ["stage=2to1", "loss=uncond_adv", "student=full", "trainer.devices=2", "
 # Plain float32 and SGD, so two strategies can agree to float precision (Adam amplifies the order of
 # float sums into weight differences of about its learning rate: docs/MEASUREMENTS.md "Sharding").
 EXACT = [
-    "trainer.precision=32-true", "optim.generator._target_=torch.optim.SGD", "~optim.generator.betas",
-    "optim.discriminator._target_=torch.optim.SGD", "~optim.discriminator.betas",
+    "trainer.precision=32-true", "optim.optimizer._target_=torch.optim.SGD", "~optim.optimizer.betas",
 ]
 LR = ["student.lr=0.05", "discriminator.lr=0.05"]
 FSDP = ["trainer=fsdp", "trainer.strategy.param_dtype=null"]

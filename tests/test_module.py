@@ -119,7 +119,7 @@ def test_a_teacher_solve_toggles_the_adapters_once_with_the_same_target(make_con
     calls.clear()
     # The same target as one toggle per call (each teacher call on its own), from the same draw.
     torch.manual_seed(0)
-    path = module.grid.draw(2)
+    path = module.stage.draw(2)
     x_t = module.schedule.forward_process(x0, torch.randn_like(x0), path[0])
     assert torch.equal(x_t, jump.x_t)
     from lightning_sdxl.diffusion.solver import solve
@@ -132,7 +132,7 @@ def test_renoising_applies_only_where_the_jump_ends_clean(make_config, tiny_sdxl
     module, _ = build_module(make_config, tiny_sdxl_path, "stage=2to1", "loss=uncond_adv")
     x_real, x_fake = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     t_next = torch.tensor([CLEAN, 249, CLEAN, 499])
-    real, fake, t_judge = module.renoiser(module.schedule, x_real, x_fake, t_next, t_next == CLEAN)
+    real, fake, t_judge = module.loss.renoiser(module.schedule, x_real, x_fake, t_next, t_next == CLEAN)
     assert torch.equal(real[1], x_real[1]) and torch.equal(fake[3], x_fake[3])
     assert set(t_judge[[0, 2]].tolist()) <= {10, 250, 500, 750} and t_judge[1] == 249
     # Same noise for real and fake: their difference shrinks by exactly sqrt(a_t*).
@@ -333,8 +333,7 @@ def test_discriminator_init_continues_an_earlier_phase(make_config, tiny_sdxl_pa
         assert torch.equal(value, phase_a.discriminator.backbone.state_dict()[key]), key
 
 
-SGD = ["optim.generator._target_=torch.optim.SGD", "~optim.generator.betas",
-       "optim.discriminator._target_=torch.optim.SGD", "~optim.discriminator.betas"]
+SGD = ["optim.optimizer._target_=torch.optim.SGD", "~optim.optimizer.betas"]
 
 
 @pytest.mark.parametrize("loss,student", [("cond_adv", "lora"), ("uncond_adv", "full"), ("mse_adv", "lora")])

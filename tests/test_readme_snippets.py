@@ -48,7 +48,7 @@ def export(tiny_sdxl_path, tmp_path_factory) -> Path:
     """The export of a tiny 8to4 LoRA student (4 steps, as the snippets' default run)."""
     root = tmp_path_factory.mktemp("readme")
     module = build_perturbed_module(tiny_sdxl_path, root / "run")
-    assert module.hparams.student_steps == 4
+    assert module.stage.student_steps == 4
     return export_student(module, root / "export")
 
 

@@ -35,7 +35,8 @@ CASES = {
         "discriminator.shared_forward=false", "discriminator.conditioning_fakes=true", "discriminator.warmup=1",
         "optim.accumulate_grad_batches=1", "loss.renoise_weights=[5,1,1,1]",
     ],
-    "teacher": ["stage=teacher", "stage.warmup_steps=1"],
+    # Recorded with stage.warmup_steps=1: the teacher's settings moved from stage/ to module/teacher.yaml.
+    "teacher": ["experiment=toy_teacher", "module.lr_scheduler.warmup_steps=1", "data.batch_size=2", "data.resolution=64"],
 }
 STEPS = ["steps=3", "validation.every_n_steps=3", "checkpoint.every_n_steps=3"]
 # In the default suite (the others in pytest -m slow): each loss family, both students, TSCD.

@@ -16,6 +16,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from lightning_sdxl import sample as sample_cli
 from lightning_sdxl.callbacks.sample_grid import SampleGrid, labelled_grid, row_label
+from lightning_sdxl.diffusion.stage_grid import StageGrid
 from lightning_sdxl.export import INFO_FILE, export_student
 from lightning_sdxl.recipe import RELEASES_FILE, assemble_teacher, write_releases
 
@@ -29,7 +30,7 @@ def build_module(tiny_sdxl_path: str, root: Path, *overrides: str):
 
 def student_images(module, prompts: list[str], seeds: list[int]) -> torch.Tensor:
     """The module's own student samples, as the PNGs hold them (uint8)."""
-    latents = module.generate(prompts, torch.tensor(seeds), "student", module.hparams.student_steps)
+    latents = module.generate(prompts, torch.tensor(seeds), "student", module.stage.student_steps)
     return (module.decode_latents(latents) * 255 + 0.5).clamp(0, 255).to(torch.uint8)
 
 
@@ -49,7 +50,7 @@ def release(tiny_sdxl_path, tmp_path_factory):
         (1, "03_2to1_c", ["stage=2to1", "prediction=sample", "student=full"]),
     ):
         module = build_module(tiny_sdxl_path, root / name, *overrides)
-        assert module.hparams.student_steps == steps and module.hparams.resolution == 64
+        assert module.stage.student_steps == steps and module.hparams.resolution == 64
         export_student(module, root / name / "export", single_file=steps == 4)  # the 4-step one: with its ComfyUI file
         assemble_teacher(Path(tiny_sdxl_path), root / name / "export", root / name / "teacher")
         phases[steps] = (root / name, module)
@@ -184,7 +185,8 @@ class _Module:
     batches_trained = 7
 
     def __init__(self):
-        self.hparams = {"teacher_steps": 8, "student_steps": 4, "guidance_scale": 6.0, "validation_teacher_steps": None}
+        self.hparams = {"validation_teacher_steps": None}
+        self.stage = StageGrid(8, 4, guidance_scale=6.0)
         red = torch.zeros(2, 3, 32, 32)
         red[:, 0] = 1
         self.validation_outputs = [{"teacher": red, "student": torch.ones(2, 3, 32, 32), "seed": torch.tensor([1, 0])}]

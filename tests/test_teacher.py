@@ -30,7 +30,7 @@ def test_v_weighting_equals_the_v_prediction_loss(prediction):
 
 @pytest.fixture
 def teacher_module(make_config, tiny_sdxl_path):
-    cfg = make_config("stage=teacher", f"model.path={tiny_sdxl_path}")
+    cfg = make_config("experiment=toy_teacher", "data.batch_size=2", "data.resolution=64", f"model.path={tiny_sdxl_path}")
     validate_config(cfg)
     return cfg, hydra.utils.instantiate(cfg.module)
 
@@ -41,7 +41,7 @@ def test_stage_teacher_trains_the_unet_and_text_encoders_not_the_vae(teacher_mod
     data = ToyWorldDataModule(resolution=cfg.data.resolution, batch_size=2, world="simple")
     batch = next(iter(data.train_dataloader()))
     module.log = lambda *args, **kwargs: None  # outside a Trainer
-    module.optimizers = lambda: torch.optim.SGD([torch.zeros(1)], lr=cfg.stage.lr)
+    module.optimizers = lambda: torch.optim.SGD([torch.zeros(1)], lr=cfg.module.optimizer.lr)
     module.training_step(batch, 0).backward()
     def has_grad(m):
         return any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())

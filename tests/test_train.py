@@ -141,5 +141,5 @@ def test_step_convention_in_one_place(make_config):
 
     assert optimizer_steps(make_config("loss=cond_adv", "optim.accumulate_grad_batches=2"), 8) == 8
     assert optimizer_steps(make_config("loss=mse", "optim.accumulate_grad_batches=2"), 8) == 4
-    assert optimizer_steps(make_config("stage=teacher", "optim.accumulate_grad_batches=2"), 8) == 8
+    assert optimizer_steps(make_config("experiment=toy_teacher", "optim.accumulate_grad_batches=2"), 8) == 8
     assert to_batches(8, optimizers_per_batch=2, accumulate=2) == 8 and to_batches(8, 1) == 8

@@ -59,7 +59,7 @@ def consistency_gaps(module, segments: int, count: int = 16) -> tuple[float, flo
     from lightning_sdxl.data.toy_world import ToyWorld
     from lightning_sdxl.diffusion.solver import move, solve
 
-    grid = TrajectorySegments(segments, module.hparams.teacher_steps)
+    grid = TrajectorySegments(segments, module.stage.teacher_steps)
     teacher_path = torch.tensor([round(1000 - j * grid.teacher_step) - 1 for j in range(grid.teacher_steps // segments)]
                                 + [round(1000 - 1000 / segments) - 1 if segments > 1 else CLEAN])
     start, middle, end = teacher_path[0], teacher_path[2], teacher_path[-1]

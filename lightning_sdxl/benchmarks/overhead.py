@@ -24,15 +24,14 @@ import lightning as L
 import torch
 
 from lightning_sdxl.batch_randomness import BatchRandomness
-from lightning_sdxl.losses import discriminator_loss, generator_loss, mse_loss
 from lightning_sdxl.module import batch_length
 
 
 def _step(module, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if module.hparams.gradient_clip_val:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], module.hparams.gradient_clip_val)
+    if clip := module.hparams.optim["gradient_clip_val"]:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
     optimizer.step()
 
 
@@ -41,7 +40,8 @@ def plain_step(module, optimizers: list[torch.optim.Optimizer], batch: dict) -> 
     randomness = BatchRandomness(batch_length(batch))
     x0, condition = module.latents_and_condition(batch, randomness)
     jump = module.jump(x0, condition, randomness)
-    regression = mse_loss(jump.x_next_fake, jump.x_next_real) if module.loss_kind.regression else 0.0
+    regression = module.loss.regression_term(jump.x_next_fake, jump.x_next_real)
+    regression = 0.0 if regression is None else regression
     if not module.adversarial:
         _step(module, optimizers[0], regression)
         return
@@ -51,13 +51,11 @@ def plain_step(module, optimizers: list[torch.optim.Optimizer], batch: dict) -> 
     logits_fake, start_features = module.discriminator.judge_fake(
         jump.x_t, jump.t, fake_input.view_as(fake_input), t_judge, jump.condition
     )
-    adversarial = generator_loss(logits_fake)
-    if module.loss_kind.regression:  # mse_adv: MSE + lambda x adversarial
-        adversarial = module.hparams.adversarial_weight * adversarial
+    adversarial, _ = module.loss.adversarial_term(logits_fake)
     (gradient,) = torch.autograd.grad(adversarial, fake_input, retain_graph=True)
     _step(module, generator, (x_fake * gradient).sum() + regression)
     logits_real = module.discriminator.judge_real(start_features, x_real, t_judge, jump.condition)
-    _step(module, discriminator, discriminator_loss(logits_real, logits_fake))
+    _step(module, discriminator, module.loss.discriminator_loss(logits_real, logits_fake))
 
 
 class Interleaved(L.Callback):

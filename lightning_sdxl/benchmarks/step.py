@@ -163,12 +163,12 @@ def step_flops(module, batch: int, resolution: int, cached: bool = False) -> int
 
 def minimum_flops(module, batch: int) -> dict[str, int]:
     """The method's minimum per term (module docstring), for `batch` samples."""
-    hparams = module.hparams
+    stage = module.stage
     size = module.latent_size
     x = torch.empty(batch, 4, size, size, device="meta")
     t = torch.full((batch,), 999, device="meta")
     condition = module.condition(["a photo of a cat"] * batch)
-    teacher_calls = (hparams.teacher_steps // hparams.student_steps) * (2 if hparams.guidance_scale > 1 else 1)
+    teacher_calls = (stage.teacher_steps // stage.student_steps) * (2 if stage.guidance_scale > 1 else 1)
     terms = {"teacher": teacher_calls * count_flops(lambda: module.pair.teacher(x, t, condition))}
 
     def student_forward_backward():

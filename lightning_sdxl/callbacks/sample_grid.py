@@ -114,13 +114,13 @@ def labelled_grid(
 def row_label(pl_module: L.LightningModule, row: str) -> str:
     """"teacher, 8 steps, CFG 6" / "student, 4 steps" (a distillation module); "guided, 32 steps,
     CFG 5" / "unguided, 32 steps" (a teacher being trained); the key itself otherwise."""
-    hparams = getattr(pl_module, "hparams", {})
-    if row == "teacher":
-        steps = hparams.get("validation_teacher_steps") or hparams.get("teacher_steps")
-        scale = hparams.get("guidance_scale", 0) or 0
+    hparams, stage = getattr(pl_module, "hparams", {}), getattr(pl_module, "stage", None)
+    if row == "teacher" and stage is not None:
+        steps = hparams.get("validation_teacher_steps") or stage.teacher_steps
+        scale = stage.guidance_scale
         return f"teacher, {steps} steps" + (f", CFG {scale:g}" if scale > 1 else "")
-    if row == "student":
-        return f"student, {hparams.get('student_steps')} steps"
+    if row == "student" and stage is not None:
+        return f"student, {stage.student_steps} steps"
     if row in ("guided", "unguided"):
         label = f"{row}, {hparams.get('validation_steps')} steps"
         scale = hparams.get("validation_guidance_scale", 1) or 1

@@ -41,3 +41,21 @@ def sample(
     path = sampling_path(num_steps, schedule.num_train_timesteps)
     x_t = schedule.pure_noise(noise)
     return solve(model_fn, schedule, prediction, x_t, path, condition, uncondition, guidance_scale)
+
+
+@torch.no_grad()
+def generate(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    prediction: Prediction,
+    seeds: list[int],
+    latent_size: int,
+    num_steps: int,
+    condition: SDXLCondition,
+    uncondition: SDXLCondition | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """Latents x0 of `num_steps` steps from each seed's noise (`seeded_noise`): the one generation
+    path of the validation grids (student, teacher, a teacher in training) and eval.py."""
+    noise = seeded_noise([int(seed) for seed in seeds], latent_size, condition.add_time_ids.device)
+    return sample(model_fn, schedule, prediction, noise, num_steps, condition, uncondition, guidance_scale)

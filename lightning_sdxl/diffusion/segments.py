@@ -45,3 +45,42 @@ class TrajectorySegments:
         end = self.segment_end(start)
         middle = torch.maximum(start - self.teacher_step, end)
         return positions_to_timesteps(torch.stack([start, middle, end]))
+
+
+class SegmentedStage(TrajectorySegments):
+    """`stage=tscd` (conf/stage/tscd.yaml): Hyper-SD's TSCD stage of k segments (METHOD.md 7).
+
+    Args:
+        name: the stage's name ("tscd4").
+        segments: k.
+        teacher_steps: N, the teacher's grid.
+        student_steps: the student's sampling steps: k (one step per segment).
+        guidance_scale: the teacher's CFG on its step.
+        consistency_target: the target network, "ema" (an EMA of the student's trainable weights,
+            `models/ema.py`) or "online" (the student itself, without gradients).
+        ema_decay: the EMA target's decay per generator step.
+        pure_noise_weight: SDXL-Lightning stages' weight of the t = 999 start (`StageGrid`); TSCD
+            draws its starts uniformly over the teacher's grid, so only 1 is accepted, or a preset's
+            value for every stage (experiment=toy's 5), which leaves TSCD's draws unchanged.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        segments: int,
+        teacher_steps: int,
+        student_steps: int,
+        guidance_scale: float = 1.0,
+        consistency_target: str = "ema",
+        ema_decay: float = 0.95,
+        pure_noise_weight: float = 1.0,
+    ):
+        super().__init__(segments, teacher_steps)
+        if student_steps != segments:
+            raise ValueError(f"stage.student_steps={student_steps}: a TSCD student samples one step per segment ({segments}).")
+        if consistency_target not in ("ema", "online"):
+            raise ValueError(f"stage.consistency_target={consistency_target}: choose 'ema' or 'online'.")
+        self.name, self.student_steps, self.guidance_scale = name, student_steps, guidance_scale
+        self.consistency_target, self.ema_decay = consistency_target, ema_decay
+        # The starts D's accuracy is reported by (`DistillationModule.measure_discriminator_signal`).
+        self.start_positions = trailing_positions(student_steps)

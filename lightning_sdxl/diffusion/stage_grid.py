@@ -8,7 +8,8 @@ from lightning_sdxl.diffusion.schedule import jump_path, trailing_positions
 
 
 class StageGrid:
-    """The jumps of an "A to B" stage: the student crosses n = A / B teacher steps in one.
+    """The jumps of an "A to B" stage: the student crosses n = A / B teacher steps in one. A `stage=`
+    choice of SDXL-Lightning's (conf/stage/) is one, with its name and the teacher's guidance.
 
     Args:
         teacher_steps: A, the teacher's step count.
@@ -20,6 +21,9 @@ class StageGrid:
             each other start; 1 draws every start equally often, as the paper (METHOD.md 2). At
             toy scale only that jump leaves a gap the discriminator can see (docs/MEASUREMENTS.md).
         num_train_timesteps: 1000 for SDXL.
+        name: the stage's name ("8to4"; run folders, exports).
+        guidance_scale: the teacher's classifier-free guidance (METHOD.md 2: 6 in stage 128 to 32,
+            else 1 = off).
     """
 
     def __init__(
@@ -29,6 +33,8 @@ class StageGrid:
         start_timesteps: list[int] | str | None = None,
         pure_noise_weight: float = 1.0,
         num_train_timesteps: int = 1000,
+        name: str | None = None,
+        guidance_scale: float = 1.0,
     ):
         if student_steps < 1 or teacher_steps % student_steps:
             raise ValueError(
@@ -36,6 +42,7 @@ class StageGrid:
                 f"student_steps={student_steps}."
             )
         self.teacher_steps, self.student_steps = teacher_steps, student_steps
+        self.name, self.guidance_scale = name or f"{teacher_steps}to{student_steps}", guidance_scale
         self.substeps = teacher_steps // student_steps
         self.jump = num_train_timesteps / student_steps
         if start_timesteps == "all":

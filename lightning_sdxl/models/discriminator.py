@@ -10,6 +10,7 @@ d(x_t, t, c) is shared by the real and the fake branch and computed once per ste
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lightning_sdxl.activation_checkpointing import enable_activation_checkpointing
 from lightning_sdxl.models.conditioning import SDXLCondition
 
 _SUPPORTED_ADDITION_EMBED_TYPES = (None, "text_time")
@@ -297,6 +299,51 @@ class DiscriminatorHead(nn.Module):
         # Block i: (B, C_in, h, w) -> (B, hidden, h / 2^(i+1), w / 2^(i+1)); SDXL 32 -> 16 -> 8.
         h = self.blocks(features)  # (B, hidden, h / 2^n, w / 2^n)
         return self.proj(h).mean(dim=(1, 2, 3))  # (B, 1, h / 2^n, w / 2^n) -> (B,)
+
+
+@dataclass(frozen=True)
+class DiscriminatorSpec:
+    """The `discriminator=` choice (conf/discriminator/): the UNet-encoder discriminator's shape, its
+    optimizer's rate and how it trains (METHOD.md 3); `build` makes it from the stage's teacher.
+
+    Attributes:
+        lr: its optimizer's learning rate (the paper: the student's).
+        head_blocks: head depth (4x4 stride-2 conv blocks); None: as many as leave 4 x 4 pixels
+            (`DiscriminatorHead.blocks_for`).
+        head_channels: head width; None derives it from the mid block.
+        init: a `discriminator.safetensors` an earlier phase of the same stage wrote (the
+            discriminator is initialised from the teacher once per stage, METHOD.md 3).
+        warmup: batches that train the discriminator alone before the generator starts (the paper: 0).
+        conditioning_fakes: add the real x_{t'} paired with another sample's caption (and, for the
+            conditional discriminator, another sample's x_t) as extra fakes (not in the paper).
+        shared_forward: one D forward shared by the generator and discriminator phases (the same
+            maths, fewer FLOPs: docs/benchmark_step.md); False: D judges in each phase.
+        gradient_checkpointing: the backbone's blocks: "none", "selective" or "full".
+    """
+
+    lr: float
+    head_blocks: int | None = None
+    head_channels: int | None = None
+    init: str | None = None
+    warmup: int = 0
+    conditioning_fakes: bool = False
+    shared_forward: bool = True
+    gradient_checkpointing: str | bool = "none"
+
+    def __post_init__(self):
+        if self.warmup < 0:
+            raise ValueError(f"discriminator.warmup={self.warmup} must be >= 0 batches.")
+
+    def build(self, unet: UNet2DConditionModel, conditional: bool, latent_size: int) -> Discriminator:
+        """A float32 discriminator on a trainable copy of `unet`'s encoder (continued from `init`)."""
+        discriminator = Discriminator.from_unet(
+            unet, conditional=conditional, head_channels=self.head_channels, head_blocks=self.head_blocks,
+            dtype=torch.float32, latent_size=latent_size,
+        )
+        if self.init:
+            discriminator.continue_from(self.init)
+        enable_activation_checkpointing(discriminator.backbone, self.gradient_checkpointing)
+        return discriminator
 
 
 class Discriminator(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -11,6 +12,7 @@ from peft import LoraConfig, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
+from lightning_sdxl.activation_checkpointing import enable_activation_checkpointing
 from lightning_sdxl.models.conditioning import SDXLCondition
 from lightning_sdxl.models.loading import cast
 
@@ -32,6 +34,45 @@ LCM_LORA_TARGET_MODULES = (
     "upsamplers.0.conv",
     "time_emb_proj",
 )
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """A `student=` choice (conf/student/): which weights train, how, and at what rate; `build`
+    makes the student/teacher pair from the loaded teacher.
+
+    Attributes:
+        type: "lora" (adapters on the frozen teacher, LCM-LoRA's) or "full" (the whole UNet).
+        lr: the generator optimizer's learning rate (METHOD.md 2: 1e-6 LoRA, 5e-7 full).
+        gradient_checkpointing: the student UNet's blocks: "none", "selective" or "full"
+            (`activation_checkpointing.py`; true / false: full / none).
+        lora_rank: LoRA rank r. student/full.yaml has no lora_* settings; a preset that sets them
+            for every student (experiment=toy) leaves a full student unchanged.
+        lora_alpha: LoRA alpha (LoRA only; None: the rank, scale 1).
+        lora_target_modules: module name suffixes that get adapters (LoRA only; None: LCM-LoRA's).
+    """
+
+    type: str
+    lr: float
+    gradient_checkpointing: str | bool = "none"
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_target_modules: list[str] | None = None
+
+    def __post_init__(self):
+        if self.type not in ("lora", "full"):
+            raise ValueError(f"student.type={self.type}: choose 'lora' or 'full'.")
+        if self.type == "lora" and (self.lora_rank is None or self.lora_rank < 1):
+            raise ValueError(f"student.lora_rank={self.lora_rank}: a LoRA student needs a rank >= 1.")
+
+    def build(self, unet, teacher_dtype: torch.dtype, student_init: str | None = None, teacher=None) -> StudentTeacher:
+        """The pair on `unet` (see `StudentTeacher`), its student's blocks checkpointed as configured."""
+        pair = StudentTeacher(
+            unet, self.type, self.lora_rank or 0, self.lora_alpha,
+            tuple(self.lora_target_modules or LCM_LORA_TARGET_MODULES), teacher_dtype, student_init, teacher=teacher,
+        )
+        enable_activation_checkpointing(pair.unet, self.gradient_checkpointing)
+        return pair
 
 
 class StudentTeacher(nn.Module):

@@ -3,7 +3,7 @@
 1. The toy SDXL architecture (`build_toy_sdxl`, seed 0) with its VAE trained on toy images
    (`lightning_sdxl.toy.autoencoder`), written as `<work-dir>/init` (a diffusers SDXL folder).
 2. `python train.py experiment=toy_teacher model.path=<work-dir>/init`: the UNet and text
-   encoders trained by the project's Lightning path (stage=teacher), run folder `<work-dir>/teacher`;
+   encoders trained by the project's Lightning path (experiment=toy_teacher), run folder `<work-dir>/teacher`;
    an interrupted run resumes from its last checkpoint when the command is repeated.
 3. The run's float16 export copied to `--out` (lightning_sdxl/assets/toy-sdxl), atomically.
 

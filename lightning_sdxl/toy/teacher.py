@@ -1,4 +1,4 @@
-"""Training a diffusion teacher from scratch with the standard denoising loss (`stage=teacher`).
+"""Training a diffusion teacher from scratch with the standard denoising loss (`experiment=toy_teacher`).
 
 This is how the committed toy teacher (lightning_sdxl/assets) is made: SDXL's classes at toy size,
 SDXL's noise schedule with the t = 999 pure-noise fix (METHOD.md 1), epsilon prediction over all
@@ -18,7 +18,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from lightning_sdxl.diffusion.prediction import get_prediction
-from lightning_sdxl.diffusion.sampler import sample, seeded_noise
+from lightning_sdxl.diffusion.sampler import generate
 from lightning_sdxl.diffusion.schedule import NoiseSchedule
 from lightning_sdxl.diffusion.solver import unet_fn
 from lightning_sdxl.export import SINGLE_FILE
@@ -29,6 +29,7 @@ from lightning_sdxl.models.text_encoding import SDXLTextEncoder, build_condition
 from lightning_sdxl.models.vae import decode_latents, encode_images, vae_scale_factor
 from lightning_sdxl.plain_config import plain_config
 from lightning_sdxl.single_file import save_components
+from lightning_sdxl.steps import to_batches
 
 LOSS_WEIGHTINGS = ("v", "uniform")
 
@@ -48,6 +49,28 @@ def loss_weight(prediction: str, a_t: torch.Tensor, weighting: str) -> torch.Ten
     return {"epsilon": 1 / a_t, "sample": 1 / (1 - a_t), "v_prediction": torch.ones_like(a_t)}[prediction]
 
 
+class DenoisingLoss:
+    """`loss=denoising` (conf/loss/denoising.yaml): the standard diffusion loss a teacher trains with.
+
+    Args:
+        name: "denoising".
+        weighting: "v" or "uniform" (`loss_weight`).
+        adam_betas: the optimizer's betas.
+    """
+
+    adversarial = False
+    optimizers_per_batch = 1  # one optimizer, no accumulation: a batch is an optimizer step (steps.py)
+
+    def __init__(self, name: str = "denoising", weighting: str = "v", adam_betas: tuple[float, float] = (0.9, 0.999)):
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss.weighting={weighting}: choose one of {LOSS_WEIGHTINGS}.")
+        self.name, self.weighting, self.adam_betas = name, weighting, tuple(adam_betas)
+
+    def __call__(self, prediction: str, u: torch.Tensor, target: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+        """The weighted squared error of the model output u against its target."""
+        return (loss_weight(prediction, a_t, self.weighting) * (u - target) ** 2).mean()
+
+
 def set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
     """Record `dtype` as the dtype a transformers model loads in (its config's "dtype")."""
     config = json.loads(config_file.read_text())
@@ -62,7 +85,7 @@ class TeacherModule(L.LightningModule):
         model_path: the diffusers SDXL folder to start from (a trained VAE, any UNet).
         resolution: image size in pixels.
         caption_dropout: probability of training a sample on the empty condition (CFG).
-        loss_weighting: "v" or "uniform" (see `loss_weight`).
+        loss: a Hydra config of `DenoisingLoss` (conf/loss/denoising.yaml).
         train_text_encoders: train both text encoders with the UNet (a toy world's captions are
             nearly indistinguishable to random encoders, docs/MEASUREMENTS.md).
         optimizer: a Hydra config of a partial optimizer.
@@ -76,7 +99,7 @@ class TeacherModule(L.LightningModule):
         model_path: str,
         resolution: int = 32,
         caption_dropout: float = 0.1,
-        loss_weighting: str = "v",
+        loss: dict | None = None,
         train_text_encoders: bool = True,
         optimizer: dict | None = None,
         lr_scheduler: dict | None = None,
@@ -84,11 +107,10 @@ class TeacherModule(L.LightningModule):
         validation_guidance_scale: float = 5.0,
     ):
         super().__init__()
-        if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting={loss_weighting!r}: choose one of {LOSS_WEIGHTINGS}.")
         # Plain containers in hparams, so checkpoints load with torch.load(weights_only=True).
-        optimizer, lr_scheduler = plain_config(optimizer), plain_config(lr_scheduler)
+        optimizer, lr_scheduler, loss = plain_config(optimizer), plain_config(lr_scheduler), plain_config(loss)
         self.save_hyperparameters()
+        self.loss = hydra.utils.instantiate(loss) if loss else DenoisingLoss()
         components = load_sdxl(model_path)
         self.scheduler_config = components.scheduler_config
         self.schedule = NoiseSchedule.from_scheduler_config(self.scheduler_config)
@@ -128,8 +150,7 @@ class TeacherModule(L.LightningModule):
         a_t = self.schedule.alpha(t)
         u = unet_fn(self.unet)(x_t, t, condition)
         target = self.prediction.target(x_t, x0, eps, a_t)
-        weight = loss_weight(self.prediction.name, a_t, self.hparams.loss_weighting)
-        loss = (weight * (u - target) ** 2).mean()
+        loss = self.loss(self.prediction.name, u, target, a_t)
         self.log("loss/denoising", loss, prog_bar=True, sync_dist=True)
         self.log("lr/unet", self.optimizers().param_groups[0]["lr"])
         return loss
@@ -146,23 +167,24 @@ class TeacherModule(L.LightningModule):
         """Always clip the global norm at 1 (v weighting makes high-noise batches large)."""
         self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
 
-    # One optimizer, no accumulation: a batch is an optimizer step (lightning_sdxl/steps.py).
-    optimizers_per_batch = 1
-    accumulate_grad_batches = 1
+    accumulate_grad_batches = 1  # a batch is an optimizer step (DenoisingLoss, lightning_sdxl/steps.py)
+
+    @property
+    def optimizers_per_batch(self) -> int:
+        return self.loss.optimizers_per_batch
 
     @property
     def batches_trained(self) -> int:
-        return self.trainer.global_step
+        return to_batches(self.trainer.global_step, self.optimizers_per_batch, self.accumulate_grad_batches)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: torch.Tensor, num_steps: int, guidance_scale: float) -> torch.Tensor:
         """Latents x0 of `num_steps` trailing Euler steps, with CFG when guidance_scale > 1."""
         condition = self.condition(prompts)
         uncondition = unconditional_like(self.text_encoder, condition) if guidance_scale > 1 else None
-        noise = seeded_noise(seeds.tolist(), self.latent_size, self.device)
-        return sample(
-            unet_fn(self.unet), self.schedule, self.prediction, noise, num_steps, condition,
-            uncondition, guidance_scale,
+        return generate(
+            unet_fn(self.unet), self.schedule, self.prediction, seeds.tolist(), self.latent_size, num_steps,
+            condition, uncondition, guidance_scale,
         )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -26,12 +26,12 @@ base's VAE and text encoders, in the export's dtype. For x0 students ComfyUI nee
 ModelSamplingDiscrete node set to x0 (export_info.json says so); diffusers reads the prediction type
 from scheduler/.
 
-Usage: `python -m lightning_sdxl.export --checkpoint last.ckpt --out DIR` re-exports a checkpoint.
+The writers take a module; `python -m lightning_sdxl.export --checkpoint last.ckpt --out DIR` (export/__main__.py)
+re-exports a checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -48,7 +48,6 @@ from lightning_sdxl.comfyui import write_workflow
 from lightning_sdxl.finite_guard import NonFiniteTrainingError, all_finite
 from lightning_sdxl.io import atomic_dir
 from lightning_sdxl.models.loading import cast, frozen_encoders, load_sdxl, looks_local
-from lightning_sdxl.module import DistillationModule
 from lightning_sdxl.single_file import save_components, sgm_unet_names
 
 log = logging.getLogger(__name__)
@@ -164,28 +163,28 @@ def portable_model_name(path: str) -> str:
 
 def export_info(module) -> dict:
     """What a user needs besides the weights: base model, sampler settings, stage and loss."""
-    hparams = module.hparams
+    hparams, stage, student = module.hparams, module.stage, module.student_spec
     info = {
         "base_model": portable_model_name(hparams.model_path),
-        "num_inference_steps": hparams.student_steps,
+        "num_inference_steps": stage.student_steps,
         "resolution": hparams.resolution,
         "guidance_scale": 0.0,
         "scheduler": "EulerDiscreteScheduler(timestep_spacing='trailing')",
         "prediction_type": module.student_prediction.name,
-        "stage": f"{hparams.teacher_steps}to{hparams.student_steps}",
-        "loss": hparams.loss,
+        "stage": f"{stage.teacher_steps}to{stage.student_steps}",
+        "loss": module.loss.name,
         "student_type": module.pair.student_type,
         "files": [UNET_DIR, SCHEDULER_DIR, INFO_FILE],
     }
-    if hparams.get("segments"):  # Hyper-SD's TSCD: k segments over the teacher's N-step grid
-        info["stage"] = f"tscd{hparams.segments} (teacher grid {hparams.teacher_steps})"
-        info["consistency_target"] = hparams.consistency_target  # the online student is exported
+    if module.segmented:  # Hyper-SD's TSCD: k segments over the teacher's N-step grid
+        info["stage"] = f"tscd{stage.segments} (teacher grid {stage.teacher_steps})"
+        info["consistency_target"] = stage.consistency_target  # the online student is exported
         # One LoRA for 1, 2, 4, 8 steps; TCD's k-step grid (diffusers 0.42) is the trailing grid of the segment ends.
         info["scheduler"] = f"TCDScheduler (eta 0: the trained segment map) or {info['scheduler']}"
     if getattr(module, "_trainer", None) is not None:
         info["global_step"] = module.trainer.global_step  # Lightning's: optimizer steps
     if is_lora_student(module):
-        info.update(lora_rank=hparams.lora_rank, lora_alpha=hparams.lora_alpha or hparams.lora_rank)
+        info.update(lora_rank=student.lora_rank, lora_alpha=student.lora_alpha or student.lora_rank)
         info["files"] += [LORA_FILE, KOHYA_FILE]
     if module.discriminator is not None:
         info["files"].append(DISCRIMINATOR_FILE)
@@ -257,46 +256,9 @@ def export_student(
         if single_file:
             info["files"] += [SINGLE_FILE, COMFYUI_FILE]
             write_workflow(
-                folder / COMFYUI_FILE, SINGLE_FILE, module.hparams.student_steps,
+                folder / COMFYUI_FILE, SINGLE_FILE, module.stage.student_steps,
                 module.hparams.resolution, module.student_prediction.name,
             )
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     log.info("Exported the student to %s", out_dir)
     return out_dir
-
-
-def export_checkpoint(
-    checkpoint: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
-    single_file: bool = True,
-) -> Path:
-    """Export a Lightning checkpoint of a `DistillationModule` (the frozen parts reload from its model_path)."""
-    module = DistillationModule.for_inference(checkpoint)
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    info = {"checkpoint": str(checkpoint), "global_step": saved["global_step"]}
-    return export_student(module.eval(), out_dir, dtype, info, single_file)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_sdxl.export", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="a Lightning checkpoint, e.g. <run>/checkpoints/last.ckpt",
-    )
-    parser.add_argument("--out", required=True, help="the export folder (replaced atomically)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument(
-        "--single-file", action=argparse.BooleanOptionalAction, default=True,
-        help="also write the all-in-one checkpoint (ComfyUI, A1111)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype), args.single_file)
-
-
-if __name__ == "__main__":
-    main()
