@@ -8,13 +8,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_sdxl import ASSETS_DIR
 from lightning_sdxl.data.latent_cache import check_cache_fits
 from lightning_sdxl.diffusion.prediction import PREDICTIONS
 from lightning_sdxl.errors import ConfigError, MissingPathError
 from lightning_sdxl.io import check_replaceable
 from lightning_sdxl.models.discriminator import DiscriminatorHead
 from lightning_sdxl.models.loading import check_pipeline_folder
-from lightning_sdxl.models.tiny import TINY_BLOCK_OUT_CHANNELS
 from lightning_sdxl.models.vae import vae_scale_factor
 from lightning_sdxl.resume_checks import check_resume
 
@@ -175,8 +175,9 @@ def validate_config(cfg: DictConfig) -> None:
         try:
             check_pipeline_folder(str(cfg.model.path))
         except FileNotFoundError as error:
-            hint = " (the toy teacher: regenerate it with python -m lightning_sdxl.toy.build_teacher)"
-            raise MissingPathError(str(error) + (hint if cfg.model.name == "toy" else "")) from error
+            hint = " (a packaged toy teacher: regenerate it with python -m lightning_sdxl.toy.build_teacher)"
+            packaged = Path(str(cfg.model.path)).resolve().is_relative_to(ASSETS_DIR)
+            raise MissingPathError(str(error) + (hint if packaged else "")) from error
     if adversarial:
         _check_discriminator_fits(cfg)
     check_resume(cfg)
@@ -283,11 +284,10 @@ def _vae_factor(cfg: DictConfig) -> int:
 
 
 def _unet_levels(cfg: DictConfig) -> int | None:
-    """The UNet's stride-2 levels: a local folder's unet config, else the tiny model's, else None."""
+    """The UNet's stride-2 levels from a local folder's unet config (the tiny model's folder is
+    written when its path resolves); None for a hub id."""
     unet = _component_config(cfg, "unet")
-    if unet:
-        return len(unet["block_out_channels"]) - 1
-    return len(TINY_BLOCK_OUT_CHANNELS) - 1 if cfg.model.name == "tiny" else None
+    return len(unet["block_out_channels"]) - 1 if unet else None
 
 
 def _check_discriminator_fits(cfg: DictConfig) -> None:

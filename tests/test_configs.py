@@ -31,6 +31,7 @@ from lightning_sdxl.checkpoint_hparams import upgrade
 from lightning_sdxl.config_checks import ConfigError, validate_config
 from lightning_sdxl.data.cached import VALIDATION_IMAGES
 from lightning_sdxl.data.latent_cache import CACHE_INFO, encoder_files, write_shard
+from lightning_sdxl.errors import MissingPathError
 from lightning_sdxl.metrics import MissingMetricWeights
 from lightning_sdxl.models.loading import check_pipeline_folder
 from lightning_sdxl.sharding import FullyShardedStrategy
@@ -623,3 +624,13 @@ def test_slurm_launcher_composes_with_the_run(tmp_path):
     launcher = cfg.hydra.launcher
     assert hydra.utils.get_class(launcher._target_).__name__ == "SlurmLauncher"
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.partition) == (2, 8, 8, "gpu")
+
+
+def test_a_missing_packaged_teacher_names_the_command_that_rebuilds_it(make_config):
+    from lightning_sdxl import ASSETS_DIR
+
+    with pytest.raises(MissingPathError, match="lightning_sdxl.toy.build_teacher"):
+        validate_config(make_config(f"model.path={ASSETS_DIR / 'toy-sdxl-missing'}"))
+    with pytest.raises(MissingPathError) as raised:  # a user's own folder gets no such hint
+        validate_config(make_config("model.path=/nonexistent/sdxl"))
+    assert "build_teacher" not in str(raised.value)
