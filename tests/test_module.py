@@ -203,8 +203,6 @@ def test_discriminator_learns_a_known_gap_and_generalises(make_config, tiny_sdxl
     Measured before the head's depth rule (models/discriminator.py): a head ending at 1 x 1 pixels
     stayed at chance on held-out pairs (0.35-0.58); with the rule, 1.0 for every seed tried.
     """
-    from lightning_sdxl.losses import discriminator_loss
-
     torch.manual_seed(seed)  # the head's initialisation
     module, _ = build_module(make_config, tiny_sdxl_path, "loss=uncond_adv")
     generator = torch.Generator().manual_seed(seed)
@@ -229,7 +227,7 @@ def test_discriminator_learns_a_known_gap_and_generalises(make_config, tiny_sdxl
     for _ in range(100):
         real, fake = judge(*pairs(16))
         optimizer.zero_grad()
-        discriminator_loss(real, fake).backward()
+        module.loss.discriminator_loss(real, fake).backward()
         optimizer.step()
     assert abs(before - 0.5) < 0.15, "an untrained head should be near chance"
     assert accuracy(*held_out) >= 0.85
@@ -239,8 +237,6 @@ def test_discriminator_learns_a_known_gap_and_generalises(make_config, tiny_sdxl
 def test_conditioning_probe_right_pairing_scores_above_wrong_caption_and_wrong_x_t(make_config, tiny_sdxl_path):
     """With `conditioning_fakes`, the conditional D learns the pairing: on held-out samples it scores
     the right (caption, x_t, x_{t'}) above the same x_{t'} with another caption or another x_t."""
-    from lightning_sdxl.losses import discriminator_loss
-
     torch.manual_seed(0)
     module, _ = build_module(make_config, tiny_sdxl_path, "loss=cond_adv", "discriminator.conditioning_fakes=true")
     generator = torch.Generator().manual_seed(0)
@@ -262,7 +258,7 @@ def test_conditioning_probe_right_pairing_scores_above_wrong_caption_and_wrong_x
         fakes = module._conditioning_fakes(x_t, t, x_real, t_judge, condition)
         assert len(fakes) == 2  # wrong caption and wrong x_t for the conditional D
         optimizer.zero_grad()
-        discriminator_loss(real, torch.cat(fakes)).backward()
+        module.loss.discriminator_loss(real, torch.cat(fakes)).backward()
         optimizer.step()
     with torch.no_grad():
         x_real, x_t, t, condition = batch(16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -40,3 +41,16 @@ def test_the_recipe_composes_from_an_installed_wheel(tmp_path):
     package, phases, model_path = result.stdout.split()
     assert package.startswith(str(site)) and model_path.startswith(str(site))  # not the checkout
     assert int(phases) > 10
+    # ... and runs: the recipe's 1-step stage (x0 conversion, phases a, b, c) from outside the checkout.
+    run_dir = tmp_path / "recipe_run"
+    command = [
+        sys.executable, "-m", "lightning_sdxl.recipe", "experiment=toy_recipe", "recipe.first_stage=null",
+        "recipe.stages=[2to1]", "model=tiny", "data.resolution=64", "data.batch_size=2", "student.lora_rank=4",
+        "validation.num_prompts=2", "steps=1", "validation.every_n_steps=1", "checkpoint.every_n_steps=1",
+        "trainer=cpu", "trainer.enable_progress_bar=false", "logger=none", f"hydra.run.dir={run_dir}",
+    ]
+    env["LIGHTNING_SDXL_HOME"] = str(tmp_path / "home")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    releases = json.loads((run_dir / "releases.json").read_text())
+    assert list(releases) == ["1step"] and Path(releases["1step"]["unet"]).is_dir()
