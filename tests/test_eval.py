@@ -126,6 +126,7 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     ]
 
 
+@pytest.mark.slow  # 20 s (pytest -m slow, which CI runs)
 def test_multirun_over_steps(tmp_path, tiny_clip):  # noqa: F811
     features = save_tiny_net(tmp_path / "features.safetensors", seed=0)
     args = ["model=tiny", "metrics=sdxl", "data.resolution=64", "num_images=4", "batch_size=2", f"metrics.cache_dir={tmp_path / 'stats'}"]

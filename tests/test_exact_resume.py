@@ -40,7 +40,7 @@ def final_state(run: Path) -> dict:
                                           for k, v in o["state"].items() if isinstance(v, torch.Tensor)}}
 
 
-@pytest.mark.parametrize("loss", ["uncond_adv", "mse"])
+@pytest.mark.parametrize("loss", ["uncond_adv", pytest.param("mse", marks=pytest.mark.slow)])
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(loss, tmp_path):
     from lightning_sdxl.train import train
 

@@ -76,6 +76,7 @@ def test_missing_metric_weights_are_one_line_on_the_command_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # 43 s: two processes (pytest -m slow, which CI runs)
 def test_metrics_callback_under_ddp_two_cpu_processes(tmp_path, tiny_clip):  # noqa: F811
     """callbacks=metrics through the CLI with 2 gloo processes: each rank scores its shard, the
     states are synchronised, and the logged values are finite."""

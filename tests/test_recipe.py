@@ -208,6 +208,7 @@ def test_a_hub_id_base_is_assembled_from_its_cached_snapshot(tiny_sdxl_path, tmp
     assert StableDiffusionXLPipeline.from_pretrained(str(teacher)).unet is not None
 
 
+@pytest.mark.slow  # 17 s: a fresh interpreter (pytest -m slow, which CI runs)
 def test_the_recipe_entry_refuses_a_config_without_a_recipe(tmp_path):
     import sys
 

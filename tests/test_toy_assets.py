@@ -88,6 +88,7 @@ def test_committed_metric_networks_load_and_measure():
     assert matched > shuffled + 5, (matched, shuffled)
 
 
+@pytest.mark.slow  # 21 s (pytest -m slow, which CI runs)
 def test_regenerate_commands_run_at_a_few_steps(tmp_path):
     out = build_teacher.main([
         "--out", str(tmp_path / "teacher"), "--work-dir", str(tmp_path / "work"), "--vae-steps", "2",

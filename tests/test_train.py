@@ -64,6 +64,7 @@ def run_cli(args: list[str], flags: list[str] = (), timeout: int = 300) -> subpr
     )
 
 
+@pytest.mark.slow  # 45 s: two processes (pytest -m slow, which CI runs)
 def test_cli_ddp_two_cpu_processes(tmp_path):
     """python train.py stage=2to1 loss=uncond_adv trainer.devices=2 trainer.accelerator=cpu"""
     result = run_cli(
