@@ -1,7 +1,7 @@
 """A distillation checkpoint's recorded module arguments, in the current form.
 
 `DistillationModule` takes its stage, loss, student and discriminator as component configs (conf/
-groups with a `_target_`). Checkpoints written before (up to commit b038ffe) recorded 31 flat
+groups with a `_target_`). Checkpoints written before (up to commit b038ffe) recorded 40 flat
 arguments; `upgrade` maps them onto the components' configs, so those checkpoints still load
 (`DistillationModule.for_inference`), pass the resume checks and sample.
 """

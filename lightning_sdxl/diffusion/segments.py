@@ -80,6 +80,8 @@ class SegmentedStage(TrajectorySegments):
             raise ValueError(f"stage.student_steps={student_steps}: a TSCD student samples one step per segment ({segments}).")
         if consistency_target not in ("ema", "online"):
             raise ValueError(f"stage.consistency_target={consistency_target}: choose 'ema' or 'online'.")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"stage.ema_decay={ema_decay} must lie in [0, 1).")  # before weights load (EMAWeights: the same rule)
         self.name, self.student_steps, self.guidance_scale = name, student_steps, guidance_scale
         self.consistency_target, self.ema_decay = consistency_target, ema_decay
         # The starts D's accuracy is reported by (`DistillationModule.measure_discriminator_signal`).
